@@ -1,0 +1,1 @@
+"""Captioning: a Ray job that captions each clip's middle frame (DESIGN.md §7)."""

@@ -1,0 +1,1 @@
+"""Shards: HD-VILA clips → webdataset shards → streaming training batches."""
