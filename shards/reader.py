@@ -1,0 +1,302 @@
+"""Streaming reader: shards → training batches (DESIGN.md §3), exactly resumable.
+
+The chain of small picklable stages, per DataLoader worker:
+
+    plan (shards.plan)  →  fetch (tar offset index: json, mp4, jpg)  →  join caption sidecar
+    →  sample frame indices  →  decode only those frames (resize in the same pass)
+    →  normalise  →  tokenize  →  collate
+
+Only mp4/jpg/json/txt members are ever read, and nothing is unpickled. Each
+batch carries the stream position after it; `StreamLoader.state_dict()` is the
+position after the last batch handed to the caller, and `load_state_dict`
+continues from there with no sample repeated or skipped, for any number of
+workers, at a cost independent of the position.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import json
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from shards.captions import read_sidecar, sidecar_path
+from shards.plan import Position, RankPlan, ShardSet
+from shards.tarindex import TarReader, index_tar
+from shards.video import center_crop, decode_frames, output_size, sample_indices
+from vip.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+STATE_VERSION = 1
+
+
+# --------------------------------------------------------------------------- shard set
+def load_shardset(root: str | Path) -> ShardSet:
+    """Shard names and counts from shards.json (written by the builder); else by indexing the tars."""
+    root = Path(root)
+    meta = root / "shards.json"
+    if meta.exists():
+        data = json.loads(meta.read_text())
+        names = tuple(s["name"] for s in data["shards"])
+        counts = tuple(int(s["num_samples"]) for s in data["shards"])
+    else:
+        tars = sorted(root.glob("shard-*.tar"))
+        names = tuple(t.name for t in tars)
+        counts = tuple(len(index_tar(str(t))) for t in tars)
+    if not names:
+        raise FileNotFoundError(f"no shards in {root} (expected shards.json or shard-*.tar)")
+    return ShardSet(root=str(root), names=names, counts=counts)
+
+
+# --------------------------------------------------------------------------- stages
+class _Tokenizer:
+    """open_clip tokenizer, created lazily in each worker (not pickled)."""
+
+    def __init__(self, name: str, context_length: int):
+        self.name, self.context_length = name, context_length
+        self._tok = None
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        if self._tok is None:
+            import open_clip
+            self._tok = open_clip.get_tokenizer(self.name, context_length=self.context_length)
+        return self._tok(texts, context_length=self.context_length)
+
+    def __getstate__(self):
+        return {"name": self.name, "context_length": self.context_length, "_tok": None}
+
+
+def normalise(frames: np.ndarray) -> torch.Tensor:
+    """uint8 [..., H, W, 3] → CLIP-normalised float [..., 3, H, W]."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).float().div_(255.0)
+    x = x.movedim(-1, -3)
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def decode_jpeg(data: bytes, size: int, resize: str) -> np.ndarray:
+    """JPEG → uint8 [size, size, 3] (squash or short-side resize + centre crop)."""
+    from PIL import Image
+    img = Image.open(io.BytesIO(data))
+    img.draft("RGB", (size, size))  # let libjpeg decode at a reduced scale when it can
+    img = img.convert("RGB")
+    w, h = output_size(img.width, img.height, size, resize)
+    arr = np.asarray(img.resize((w, h), Image.BILINEAR))
+    return center_crop(arr, size) if resize == "crop" else arr
+
+
+class SampleError(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclass
+class _OpenShard:
+    reader: TarReader
+    captions: dict
+
+
+class ClipStream(IterableDataset):
+    """Batches for one rank; DataLoader worker w yields batches w, w+W, … of the rank's stream."""
+
+    def __init__(self, cfg: DataConfig, shards: ShardSet, rank: int = 0, world: int = 1,
+                 start: Position = Position()):
+        self.cfg, self.shards, self.rank, self.world, self.start = cfg, shards, rank, world, start
+        self.plan = RankPlan(shards, rank, world, cfg.seed, shuffle=cfg.train, shuffle_shards=cfg.shuffle_shards)
+        self.tokenize = _Tokenizer(cfg.tokenizer, cfg.context_length)
+        self.captions_dir = Path(cfg.captions) if cfg.captions else Path(shards.root) / "captions"
+        self._open: OrderedDict = OrderedDict()
+
+    # -- shard access (LRU of open tars + their caption sidecars)
+    def _shard(self, sid: int) -> _OpenShard:
+        if sid in self._open:
+            self._open.move_to_end(sid)
+            return self._open[sid]
+        name = self.shards.names[sid]
+        reader = TarReader(str(Path(self.shards.root) / name))
+        caps = read_sidecar(sidecar_path(self.captions_dir, name))
+        self._open[sid] = _OpenShard(reader, caps)
+        while len(self._open) > self.cfg.shuffle_shards + 1:
+            _, old = self._open.popitem(last=False)
+            old.reader.close()
+        return self._open[sid]
+
+    # -- one sample
+    def load_sample(self, epoch: int, sid: int, idx: int, events: list) -> dict:
+        cfg = self.cfg
+        shard = self._shard(sid)
+        keys = shard.reader.index.keys
+        if idx >= len(keys):
+            raise SampleError("missing_sample", f"{self.shards.names[sid]}#{idx}: "
+                              f"{shard.reader.index.error or 'fewer samples than shards.json says'}")
+        key = keys[idx]
+        try:
+            meta = json.loads(shard.reader.read(key, "json").decode("utf-8"))
+            mp4 = shard.reader.read(key, "mp4")
+            jpg = shard.reader.read(key, "jpg")
+        except (KeyError, EOFError, UnicodeDecodeError, json.JSONDecodeError, OSError) as e:
+            raise SampleError("corrupt_member", f"{key}: {e}") from None
+        rng = np.random.default_rng([cfg.seed, epoch, 7, sid, idx])
+        n = int(meta.get("num_frames") or 0)
+        if n <= 0:
+            raise SampleError("corrupt_member", f"{key}: json says {n} frames")
+        if n < cfg.num_frames:
+            events.append(("short_clip_padded", key, f"{n} frames < T={cfg.num_frames}: frames repeated"))
+        indices = sample_indices(n, cfg.num_frames, cfg.train, rng)
+        try:
+            frames = decode_frames(mp4, indices, cfg.image_size, cfg.resize, fps=meta.get("fps"),
+                                   keyframe_interval=meta.get("keyframe_interval"), threads=cfg.decode_threads)
+            frame = decode_jpeg(jpg, cfg.image_size, cfg.resize)
+        except Exception as e:  # av.error.*, PIL errors: a corrupt member never kills the stream
+            raise SampleError("corrupt_member", f"{key}: {type(e).__name__}: {e}") from None
+        subtitle = meta.get("subtitle")
+        if not isinstance(subtitle, str) or not subtitle.strip():
+            raise SampleError("missing_subtitle", key)
+        return {"key": key, "frames": frames, "frame": frame, "subtitle": subtitle,
+                "caption": shard.captions.get(key)}
+
+    # -- batches
+    def collate(self, samples: list[dict]) -> dict:
+        captions = [s["caption"] for s in samples]
+        has_caption = torch.tensor([c is not None for c in captions], dtype=torch.bool)
+        cap_tokens = self.tokenize([c if c is not None else "" for c in captions])
+        cap_tokens[~has_caption] = 0  # no placeholder text: rows without a caption are all padding
+        return {
+            "video": normalise(np.stack([s["frames"] for s in samples])),   # [B, T, 3, H, W]
+            "frame": normalise(np.stack([s["frame"] for s in samples])),    # [B, 3, H, W]
+            "subtitle": self.tokenize([s["subtitle"] for s in samples]),     # [B, L]
+            "caption": cap_tokens,                                          # [B, L]
+            "has_caption": has_caption,                                     # [B]
+            "key": [s["key"] for s in samples],
+        }
+
+    def __iter__(self):
+        info = get_worker_info()
+        w, W = (info.id, info.num_workers) if info else (0, 1)
+        B = self.cfg.batch_size
+        single = not self.cfg.train
+        b = w
+        while True:
+            pos = self.plan.advance(self.start, b * B)
+            if single and pos.epoch != self.start.epoch:
+                return
+            items = self.plan.take(pos, B, single_epoch=single)
+            if not items:
+                return
+            events: list = []
+            samples = []
+            for epoch, sid, idx in items:
+                try:
+                    samples.append(self.load_sample(epoch, sid, idx, events))
+                except SampleError as e:
+                    events.append((e.reason, f"{self.shards.names[sid]}#{idx}", e.detail))
+            after = self.plan.advance(pos, len(items))
+            batch = self.collate(samples) if samples else {"key": []}
+            batch["_state"] = {"epoch": after.epoch, "offset": after.offset}
+            batch["_events"] = events
+            yield batch
+            b += W
+
+
+class StreamLoader:
+    """Iterates a rank's batches through a DataLoader; tracks and restores the stream position.
+
+    state_dict() → {"epoch", "offset", "batches", ...}: small, stored in checkpoints.
+    Also counts read-time problems by reason (`events`) and the time spent waiting.
+    """
+
+    def __init__(self, cfg: DataConfig, rank: int = 0, world: int = 1, pin_memory: bool = False,
+                 shards: ShardSet | None = None):
+        self.cfg, self.rank, self.world, self.pin_memory = cfg, rank, world, pin_memory
+        self.shards = shards or load_shardset(cfg.shards)
+        self.position = Position()
+        self.batches = 0
+        self.events: collections.Counter = collections.Counter()
+        self.wait_seconds = 0.0
+        self._warned: collections.Counter = collections.Counter()
+
+    def dataset(self) -> ClipStream:
+        return ClipStream(self.cfg, self.shards, self.rank, self.world, start=self.position)
+
+    def __iter__(self):
+        ds = self.dataset()
+        kw = {"prefetch_factor": self.cfg.prefetch_factor} if self.cfg.num_workers > 0 else {}
+        loader = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
+                            pin_memory=self.pin_memory, **kw)
+        it = iter(loader)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.wait_seconds += time.perf_counter() - t0
+            state = batch.pop("_state")
+            for reason, what, detail in batch.pop("_events"):
+                self.events[reason] += 1
+                self._warned[reason] += 1
+                if self._warned[reason] <= 20:
+                    log.warning("data [%s] %s: %s", reason, what, detail)
+            self.position = Position(int(state["epoch"]), int(state["offset"]))
+            self.batches += 1
+            if not batch["key"]:
+                continue  # every sample of this batch was bad (counted above)
+            yield batch
+
+    @property
+    def epoch(self) -> int:
+        return self.position.epoch
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "epoch": self.position.epoch, "offset": self.position.offset,
+                "batches": self.batches, "seed": self.cfg.seed, "rank": self.rank, "world": self.world,
+                "batch_size": self.cfg.batch_size, "num_shards": len(self.shards.names),
+                "events": dict(self.events)}
+
+    def load_state_dict(self, state: dict) -> None:
+        expect = {"seed": self.cfg.seed, "world": self.world, "rank": self.rank,
+                  "num_shards": len(self.shards.names)}
+        for k, v in expect.items():
+            if k in state and state[k] != v:
+                raise ValueError(f"data state was saved with {k}={state[k]}, this run has {k}={v}: "
+                                 "the stream cannot continue exactly")
+        self.position = Position(int(state["epoch"]), int(state["offset"]))
+        self.batches = int(state.get("batches", 0))
+        self.events = collections.Counter(state.get("events", {}))
+
+
+def stream_report(cfg: DataConfig, num_batches: int = 10) -> str:
+    """Stream a few batches (rank 0 of 1) and describe them: shapes and clips/s."""
+    loader = StreamLoader(cfg)
+    t0 = time.perf_counter()
+    n = clips = 0
+    shapes = {}
+    for batch in loader:
+        if n == 0:
+            shapes = {k: tuple(v.shape) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            t_first = time.perf_counter() - t0
+        clips += len(batch["key"])
+        n += 1
+        if n >= num_batches:
+            break
+    dt = time.perf_counter() - t0
+    lines = [f"shards: {len(loader.shards.names)} ({loader.shards.num_samples} samples) in {cfg.shards}",
+             f"batches: {n}, clips: {clips}, {clips / dt:.1f} clips/s ({cfg.num_workers} workers; "
+             f"first batch after {t_first:.2f}s)"]
+    lines += [f"  {k}: {v}" for k, v in shapes.items()]
+    if loader.events:
+        lines.append(f"read problems: {dict(loader.events)}")
+    lines.append(f"resume state: {loader.state_dict()}")
+    return "\n".join(lines)
