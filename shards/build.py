@@ -194,7 +194,9 @@ class _RayPool:
         self.ray = ray
         if not ray.is_initialized():
             if address == "local":
-                ray.init(num_cpus=max(1, workers), include_dashboard=False, log_to_driver=False)
+                # a private cluster on loopback only
+                ray.init(num_cpus=max(1, workers), include_dashboard=False, log_to_driver=False,
+                         _node_ip_address="127.0.0.1")
             else:
                 ray.init(address=address, log_to_driver=False)
         self.remote = ray.remote(num_cpus=1, max_retries=2)(build_one_shard)

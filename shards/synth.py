@@ -8,7 +8,8 @@ covers. Deterministic from the seed. Writes, under `out`:
 
     metadata.jsonl    {"video_id", "url", "clip": [{"clip_id", "span"}]}  (HD-VILA format)
     subtitles.jsonl   {"clip_id", "text"}
-    truth.jsonl       {"clip_id", "colour", "shape", "direction", "span_s"}  (for tests/benchmarks)
+    truth.jsonl       {"clip_id", "colour", "shape", "direction", "span_s", "background", …}
+                      (ground truth for tests and benchmarks; `truth_plan` rebuilds the renderer's plan)
     videos/<video_id>.mp4
 """
 from __future__ import annotations
@@ -79,6 +80,13 @@ class ClipPlan:
     direction: str
     background: tuple
     template: int
+
+
+def truth_plan(truth: dict) -> ClipPlan:
+    """The renderer's plan of a clip from its truth.jsonl line (to re-render any frame)."""
+    return ClipPlan(clip_id=truth["clip_id"], start=truth["span_s"][0], end=truth["span_s"][1],
+                    colour=truth["colour"], shape=truth["shape"], direction=truth["direction"],
+                    background=tuple(truth["background"]), template=truth["template"])
 
 
 def plan_video(rng: np.random.Generator, video_id: str, cfg: SynthConfig) -> list[ClipPlan]:
@@ -164,6 +172,7 @@ def make_corpus(cfg: SynthConfig) -> dict:
             sub_lines.append({"clip_id": c.clip_id, "text": describe(c.colour, c.shape, c.direction, c.template)})
             truth_lines.append({"clip_id": c.clip_id, "colour": c.colour, "shape": c.shape,
                                 "direction": c.direction, "span_s": [c.start, c.end],
+                                "background": list(c.background), "template": c.template,
                                 "caption": describe(c.colour, c.shape, c.direction, 0)})
     for name, lines in (("metadata.jsonl", meta_lines), ("subtitles.jsonl", sub_lines), ("truth.jsonl", truth_lines)):
         (out / name).write_text("".join(json.dumps(x) + "\n" for x in lines))

@@ -1,0 +1,74 @@
+import json
+
+import av
+import numpy as np
+
+from shards.synth import COLOURS, make_corpus, render_frame, truth_plan
+from tests.conftest import small_synth
+
+
+def _lines(p):
+    return [json.loads(x) for x in open(p)]
+
+
+def _decode_at(path, t):
+    with av.open(str(path)) as c:
+        for f in c.decode(video=0):
+            if f.time >= t:
+                return f.to_ndarray(format="rgb24")
+    raise AssertionError("time past end")
+
+
+def test_deterministic_from_seed(tmp_path):
+    a = make_corpus(small_synth(tmp_path / "a"))
+    b = make_corpus(small_synth(tmp_path / "b"))
+    assert a["clips"] == b["clips"] == 12
+    for name in ("metadata.jsonl", "subtitles.jsonl", "truth.jsonl"):
+        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
+    for v in (tmp_path / "a" / "videos").iterdir():
+        assert v.read_bytes() == (tmp_path / "b" / "videos" / v.name).read_bytes()
+    other = small_synth(tmp_path / "c").__class__(**{**small_synth(tmp_path / "c").__dict__, "seed": 2})
+    make_corpus(other)
+    assert (tmp_path / "c" / "subtitles.jsonl").read_text() != (tmp_path / "a" / "subtitles.jsonl").read_text()
+
+
+def test_hdvila_format(corpus):
+    meta = _lines(corpus / "metadata.jsonl")
+    subs = {s["clip_id"]: s["text"] for s in _lines(corpus / "subtitles.jsonl")}
+    assert len(meta) == 4
+    for v in meta:
+        assert set(v) == {"video_id", "url", "clip"} and len(v["video_id"]) == 11
+        assert (corpus / "videos" / f"{v['video_id']}.mp4").exists()
+        for k, c in enumerate(v["clip"]):
+            assert c["clip_id"] == f"{v['video_id']}.{k}.mp4"
+            assert len(c["span"]) == 2 and c["span"][0].count(":") == 2 and c["clip_id"] in subs
+
+
+def test_video_content_matches_text(corpus):
+    """The colour named in the subtitle is on screen and moves in the named direction."""
+    truth = _lines(corpus / "truth.jsonl")
+    subs = {s["clip_id"]: s["text"] for s in _lines(corpus / "subtitles.jsonl")}
+    for t in truth:
+        assert t["colour"] in subs[t["clip_id"]] and t["shape"] in subs[t["clip_id"]]
+        vid = t["clip_id"].split(".")[0]
+        s, e = t["span_s"]
+        centroids = []
+        for when in (s + 0.15 * (e - s), e - 0.15 * (e - s)):
+            frame = _decode_at(corpus / "videos" / f"{vid}.mp4", when).astype(int)
+            mask = (np.abs(frame - np.array(COLOURS[t["colour"]])).sum(-1) < 60)
+            assert mask.sum() > 20, f"{t['colour']} not visible in {t['clip_id']}"
+            ys, xs = np.nonzero(mask)
+            centroids.append((xs.mean(), ys.mean()))
+        dx, dy = centroids[1][0] - centroids[0][0], centroids[1][1] - centroids[0][1]
+        moved = {"left": -dx, "right": dx, "up": -dy, "down": dy}[t["direction"]]
+        assert moved > 20 and moved > 3 * min(abs(dx), abs(dy)), (t, dx, dy)
+
+
+def test_renderer_matches_encoded_video(corpus):
+    t = _lines(corpus / "truth.jsonl")[1]
+    plan = truth_plan(t)
+    when = (plan.start + plan.end) / 2
+    vid = t["clip_id"].split(".")[0]
+    decoded = _decode_at(corpus / "videos" / f"{vid}.mp4", when).astype(float)
+    rendered = render_frame(plan, round(when * 30) / 30, 192, 108).astype(float)
+    assert np.abs(decoded - rendered).mean() < 6
