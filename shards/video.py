@@ -16,24 +16,25 @@ import numpy as np
 def sample_indices(num_frames: int, T: int, train: bool, rng: np.random.Generator | None = None) -> np.ndarray:
     """T indices into a clip of `num_frames` frames.
 
-    train: the first index is drawn uniformly from the first of T equal
-    intervals, the last from the last interval, and the T indices are spread
-    evenly between them. eval: the centre of each interval. Clips with fewer
+    The clip is cut into T equal intervals (integer edges, as the reference).
+    train: the first index is drawn uniformly from the first interval, the last
+    from the last interval, and the T indices are spread evenly between them.
+    eval: the centre of each interval. Clips with fewer
     than T frames repeat frames (the reference pads the same way).
     """
     if num_frames <= 0:
         raise ValueError("clip has no frames")
-    edges = np.linspace(0, num_frames, T + 1)
+    # integer interval edges and inclusive ranges, as the reference computes them
+    edges = np.linspace(0, num_frames, T + 1).astype(np.int64)
+    lo = edges[:-1]
+    hi = np.maximum(lo, edges[1:] - 1)
     if train:
         assert rng is not None
-        lo_first, hi_first = int(edges[0]), max(int(edges[0]), int(np.ceil(edges[1])) - 1)
-        lo_last, hi_last = int(edges[T - 1]), max(int(edges[T - 1]), int(np.ceil(edges[T])) - 1)
-        start = int(rng.integers(lo_first, hi_first + 1))
-        end = int(rng.integers(lo_last, hi_last + 1))
-        end = max(end, start)
+        start = int(rng.integers(lo[0], hi[0] + 1))
+        end = max(start, int(rng.integers(lo[-1], hi[-1] + 1)))
         idx = np.round(np.linspace(start, end, T)).astype(np.int64)
     else:
-        idx = np.floor((edges[:-1] + edges[1:]) / 2).astype(np.int64)
+        idx = (lo + hi) // 2
     return np.clip(idx, 0, num_frames - 1)
 
 
