@@ -116,6 +116,7 @@ class ClipStream(IterableDataset):
         self.cfg, self.shards, self.rank, self.world, self.start = cfg, shards, rank, world, start
         self.plan = RankPlan(shards, rank, world, cfg.seed, shuffle=cfg.train, shuffle_shards=cfg.shuffle_shards)
         self.tokenize = _Tokenizer(cfg.tokenizer, cfg.context_length)
+        self.tokenize(["warm up"])  # import open_clip once here; forked workers inherit it
         self.captions_dir = Path(cfg.captions) if cfg.captions else Path(shards.root) / "captions"
         self._open: OrderedDict = OrderedDict()
 
@@ -210,6 +211,11 @@ class ClipStream(IterableDataset):
             b += W
 
 
+def _worker_init(_: int) -> None:
+    """One compute thread per worker: parallelism comes from the workers themselves."""
+    torch.set_num_threads(1)
+
+
 class StreamLoader:
     """Iterates a rank's batches through a DataLoader; tracks and restores the stream position.
 
@@ -234,7 +240,7 @@ class StreamLoader:
         ds = self.dataset()
         kw = {"prefetch_factor": self.cfg.prefetch_factor} if self.cfg.num_workers > 0 else {}
         loader = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
-                            pin_memory=self.pin_memory, **kw)
+                            pin_memory=self.pin_memory, worker_init_fn=_worker_init, **kw)
         it = iter(loader)
         while True:
             t0 = time.perf_counter()

@@ -92,19 +92,16 @@ def decode_frames(mp4: bytes, indices: np.ndarray, size: int, resize: str = "squ
                     pos = int(round((frame.pts - t0) * tb * rate)) if frame.pts is not None else target
                 i = pos
                 pos += 1
-                if i in got or i < target:
-                    if i > last:
-                        break
-                    continue
-                if i >= target:
-                    # the clip may have fewer frames than the json said: keep what is there
-                    got[i] = frame.reformat(width=w, height=h, format="rgb24").to_ndarray()
-                    while pending and int(pending[0]) <= i:
-                        pending.pop(0)
-                    if not pending:
-                        break
-                    if gop and (int(pending[0]) // gop) * gop > pos:
-                        break  # seek to the next wanted GOP
+                if i < int(pending[0]):
+                    continue  # decoded only to reach a later frame: no colour conversion
+                # i >= the next wanted index (the clip may hold fewer frames than its json says)
+                got[i] = frame.reformat(width=w, height=h, format="rgb24").to_ndarray()
+                while pending and int(pending[0]) <= i:
+                    pending.pop(0)
+                if not pending:
+                    break
+                if gop and (int(pending[0]) // gop) * gop > pos:
+                    break  # the next wanted frame is in a later GOP: seek to it
             else:
                 break  # end of stream
         if not got:
