@@ -4,6 +4,9 @@
     vip shards build [--config tiny] [build.workers=8 …]
     vip shards read  [--config tiny] [data.batch_size=4 …]   (stream a few batches, print throughput)
     vip demo         [--config tiny]
+    vip pretrain     [--config tiny] [train.steps=100 …]      (one process; launch/pretrain.sh for many)
+    vip plot         runs/pretrain/metrics.jsonl              (PNG curves)
+    vip export       runs/pretrain [--out DIR]                (checkpoint → safetensors for vip.load)
     vip config       [--config tiny] [k=v …]                  (print the resolved config)
 """
 from __future__ import annotations
@@ -50,6 +53,23 @@ def cmd_read(cfg, args) -> int:
     return 0
 
 
+def cmd_pretrain(cfg, args) -> int:
+    from vip.train import pretrain
+    return pretrain(cfg)
+
+
+def cmd_plot(cfg, args) -> int:
+    from vip.plot import plot_metrics
+    print(plot_metrics(args.metrics, args.out))
+    return 0
+
+
+def cmd_export(cfg, args) -> int:
+    from vip.export import export_checkpoint
+    print(export_checkpoint(args.run, args.out, tag=args.tag))
+    return 0
+
+
 def cmd_demo(cfg, args) -> int:
     from vip.demo import run_demo
     return run_demo(cfg)
@@ -73,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     add(sh, "build", cmd_build, "cut, re-encode and pack clips into webdataset shards")
     rd = add(sh, "read", cmd_read, "stream batches from shards and report throughput")
     rd.add_argument("--batches", type=int, default=10)
+    add(sub, "pretrain", cmd_pretrain, "post-pretrain (one process; use launch/pretrain.sh for many)")
+    pl = sub.add_parser("plot", help="metrics.jsonl → PNG curves")
+    pl.add_argument("metrics")
+    pl.add_argument("--out", default=None)
+    pl.set_defaults(fn=cmd_plot, config="default", overrides=[])
+    ex = sub.add_parser("export", help="a training run's checkpoint → safetensors + config for vip.load()")
+    ex.add_argument("run", help="the run folder (train.out)")
+    ex.add_argument("--out", default=None, help="default: <run>/export")
+    ex.add_argument("--tag", default=None, help="checkpoint tag (default: latest complete)")
+    ex.set_defaults(fn=cmd_export, config="default", overrides=[])
     d = add(sub, "demo", cmd_demo, "the end-to-end demo on tiny synthetic data")
     d.set_defaults(default_preset="tiny")
     add(sub, "config", cmd_config, "print the resolved config")

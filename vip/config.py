@@ -100,6 +100,46 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class OptimConfig:
+    """AdamW + linear warmup + cosine decay (reference hyper-parameters)."""
+
+    lr: float = 5e-6
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    weight_decay: float = 0.05     # none on biases, norms, embeddings, proxies, logit_scale
+    warmup_ratio: float = 0.01     # share of train.steps spent warming up linearly
+    min_lr_ratio: float = 0.0      # cosine floor as a share of lr
+    grad_clip: float = 5.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The DeepSpeed run. Batch sizes live in one place: data.batch_size is the
+    per-rank micro-batch, train.global_batch the optimizer batch; gradient
+    accumulation is derived (global = micro × accumulation × world size)."""
+
+    out: str = "runs/pretrain"
+    steps: int = 10000             # optimizer steps
+    global_batch: int = 1024
+    precision: str = "auto"        # auto (bf16 on GPUs that have it, else fp32) | bf16 | fp16 | fp32
+    zero_stage: int = 1
+    seed: int = 0
+    save_every: int = 1000         # steps between checkpoints (also at the end and on SIGTERM/SIGINT)
+    keep_last: int = 3             # complete checkpoints kept
+    resume: str = "auto"           # auto (latest complete checkpoint in out, if any) | none | <tag dir>
+    log_every: int = 10
+    eval_every: int = 0            # steps between zero-shot retrieval evaluations (0: only at the end)
+    eval_shards: Optional[str] = None  # held-out shard folder for zero-shot retrieval
+    eval_max_clips: int = 1000
+    on_nonfinite: str = "skip"     # skip the step (and report it) | stop
+    tensorboard: bool = True
+    init_from: Optional[str] = None  # exported vip weights to start from (instead of model.pretrained)
+    log_keys: bool = False         # write each rank's consumed sample keys per step (resume audits, tests)
+    fault_step: Optional[int] = None  # test hook: rank fault_rank raises at this step
+    fault_rank: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole program's config; every command uses the sections it needs."""
 
@@ -108,6 +148,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 # --------------------------------------------------------------------------- machinery
