@@ -1,0 +1,79 @@
+"""Trainer pieces that need no process group: ds_config, param groups, schedule, checkpoints, plots."""
+import json
+import math
+
+import pytest
+import torch
+
+from vip.checkpoint import MARKER, CheckpointManager
+from vip.config import DataConfig, OptimConfig, TrainConfig
+from vip.ds_config import grad_accumulation, make_ds_config
+from vip.optim import lr_lambda, param_groups
+
+
+def test_ds_config_is_derived_from_one_place():
+    tc, oc, dc = TrainConfig(global_batch=64, zero_stage=2, precision="fp32"), OptimConfig(), DataConfig(batch_size=8)
+    ds = make_ds_config(tc, oc, dc, world=2, device_type="cpu")
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 8, 4)
+    assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_clipping"] == 5.0
+    p = ds["optimizer"]["params"]
+    assert p["lr"] == 5e-6 and p["betas"] == [0.9, 0.98] and p["eps"] == 1e-6 and p["torch_adam"] is True
+    assert "bf16" not in ds and "fp16" not in ds
+    assert make_ds_config(TrainConfig(precision="bf16", global_batch=16), oc, dc, 2, "cpu")["bf16"]["enabled"]
+    with pytest.raises(ValueError, match="multiple"):
+        grad_accumulation(TrainConfig(global_batch=20), DataConfig(batch_size=8), world=2)
+
+
+def test_param_groups_no_decay_where_reference_has_none():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+            self.ln = torch.nn.LayerNorm(4)
+            self.positional_embedding = torch.nn.Parameter(torch.zeros(5, 4))
+            self.temporal_embedding = torch.nn.Parameter(torch.zeros(12, 4))
+            self.proxies = torch.nn.Parameter(torch.zeros(3, 4))
+            self.logit_scale = torch.nn.Parameter(torch.tensor(4.6))
+            self.token_embedding = torch.nn.Embedding(10, 4)
+    m = M()
+    decay, no_decay = param_groups(m, OptimConfig(weight_decay=0.05))
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert [p for p in decay["params"]] == [m.proj.weight]
+    assert len(no_decay["params"]) == len(list(m.parameters())) - 1
+
+
+def test_lr_schedule_warmup_then_cosine():
+    oc = OptimConfig(warmup_ratio=0.1, min_lr_ratio=0.0)
+    f = [lr_lambda(s, 100, oc) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)          # linear warmup over 10 steps
+    assert f[10] == pytest.approx(1.0) and all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert f[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    assert lr_lambda(100, 100, oc) == pytest.approx(0.0)
+
+
+def test_only_complete_checkpoints_count(tmp_path):
+    cm = CheckpointManager(tmp_path, keep_last=2, rank=0, world=1)
+    d = tmp_path / "checkpoints"
+    for step, complete in ((10, True), (20, True), (30, True), (40, False)):
+        (d / f"step{step:08d}").mkdir(parents=True)
+        if complete:
+            (d / f"step{step:08d}" / MARKER).write_text(json.dumps({"step": step}))
+    assert cm.latest() == "step00000030"      # the interrupted save of step 40 is never taken
+    cm._prune()
+    assert sorted(p.name for p in d.iterdir()) == ["step00000020", "step00000030", "step00000040"]
+    (d / "step00000050").mkdir()
+    (d / "step00000050" / MARKER).write_text("{}")
+    cm._prune()                                # now step 40 is an old leftover: removed
+    assert sorted(p.name for p in d.iterdir()) == ["step00000030", "step00000050"]
+
+
+def test_plot_writes_png(tmp_path):
+    from vip.metrics import MetricsLog
+    from vip.plot import plot_metrics
+    log = MetricsLog(tmp_path, enabled=True, tensorboard=False)
+    for s in range(1, 6):
+        log.write(s, "train", {"loss": 5.0 / s, "loss_vs": 2.0 / s, "lr": 1e-5, "logit_scale": 100.0,
+                               "samples_per_s": 10.0, "data_wait_share": 0.1})
+    log.write(5, "eval", {"t2v_R@1": 10.0, "v2t_R@1": 12.0})
+    png = plot_metrics(tmp_path / "metrics.jsonl")
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
