@@ -17,10 +17,10 @@
 # Options: --nproc N (processes per node; default: GPUs, or 2 on a CPU machine),
 #          --master-port P (default 29500), --python PATH (default .venv/bin/python).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+REPO="$(cd "$(dirname "$0")/.." && pwd)"     # paths in the config stay relative to the caller's cwd
 
 NPROC="" HOSTFILE="" NODE_RANK="" NNODES="" MASTER_ADDR_OPT="" MASTER_PORT_OPT="${MASTER_PORT:-29500}"
-PY="${VIP_PYTHON:-.venv/bin/python}"
+PY="${VIP_PYTHON:-$REPO/.venv/bin/python}"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --nproc) NPROC="$2"; shift 2 ;;
@@ -42,13 +42,13 @@ if [[ -z "$NODE_RANK" && -n "${SLURM_JOB_ID:-}" && "${SLURM_NNODES:-1}" -gt 1 ]]
   MASTER_ADDR_OPT="${MASTER_ADDR_OPT:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)}"
 fi
 
-if [[ -z "$NPROC" ]]; then
-  NPROC=$("$PY" -c "import torch; print(torch.cuda.device_count() or 2)")
-fi
-if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+GPUS=0
+if command -v nvidia-smi >/dev/null 2>&1; then GPUS=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU" || true); fi
+if [[ "$GPUS" -eq 0 ]]; then
   export DS_ACCELERATOR=cpu                     # CPU machines: gloo, one process per --nproc
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 fi
+NPROC="${NPROC:-$([[ "$GPUS" -gt 0 ]] && echo "$GPUS" || echo 2)}"
 DS=("$PY" -m deepspeed.launcher.runner --master_port "$MASTER_PORT_OPT")
 
 if [[ -n "$NODE_RANK" ]]; then
@@ -60,6 +60,10 @@ if [[ -n "$NODE_RANK" ]]; then
 elif [[ -n "$HOSTFILE" ]]; then
   DS+=(--hostfile "$HOSTFILE" ${MASTER_ADDR_OPT:+--master_addr "$MASTER_ADDR_OPT"})
 else
-  DS+=(--num_gpus "$NPROC" --master_addr 127.0.0.1)
+  # one node: start deepspeed's per-node launcher directly (what the runner would run; one
+  # interpreter start less)
+  WORLD_INFO=$("$PY" -c "import base64, json, sys; n = int(sys.argv[1]); print(base64.urlsafe_b64encode(json.dumps({'localhost': list(range(n))}).encode()).decode())" "$NPROC")
+  DS=("$PY" -u -m deepspeed.launcher.launch --world_info="$WORLD_INFO" --master_addr=127.0.0.1
+      --master_port="$MASTER_PORT_OPT")
 fi
 exec "${DS[@]}" --module vip.train "$@"

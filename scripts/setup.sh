@@ -18,7 +18,7 @@ echo "[setup] creating $VENV with $($PY --version) (first run: several minutes)"
 # torch and torchvision must come in one pip command (see docs/install.md).
 "$VENV/bin/pip" install -q -r requirements.txt pytest pytest-timeout
 # DeepSpeed's setup imports torch: build it against the torch installed above.
-DS_BUILD_OPS=0 "$VENV/bin/pip" install -q --no-build-isolation "deepspeed==0.19.8"
+DS_BUILD_OPS=0 "$VENV/bin/pip" install -q --no-build-isolation "deepspeed==0.18.9"
 "$VENV/bin/pip" install -q --no-build-isolation --no-deps -e .
 "$VENV/bin/python" -c "import torch, torchvision, open_clip, av, webdataset, deepspeed, ray; print('[setup] ok: torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'ray', ray.__version__)" >&2
 echo "$want" > "$STAMP"

@@ -99,3 +99,25 @@ def test_a_failing_rank_fails_the_job_and_is_named(shard_dir, tmp_path):
     rc, log = _run(_args(shard_dir, tmp_path / "f", **{"train.fault_step": 2, "train.fault_rank": 1}), 29616)
     assert rc != 0
     assert "rank 1 failed at step 2" in log and "injected fault" in log
+
+
+def _single(args, tmp_path):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_PORT": "29617"}
+    vip = str(Path(sys.executable).parent / "vip")
+    return subprocess.run([vip, "pretrain", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_is_reported_then_skipped_or_stops(shard_dir, tmp_path):
+    """An absurd learning rate blows the weights up after one step: every later loss is non-finite."""
+    common = {"optim.lr": 1e30, "optim.warmup_ratio": 0.0, "train.global_batch": 2, "train.save_every": 0,
+              "train.max_nonfinite": 3}
+    p = _single(_args(shard_dir, tmp_path / "skip", steps=4, **common, **{"train.on_nonfinite": "skip"}), tmp_path)
+    log = p.stdout + p.stderr
+    # each bad step is reported with its step and batch keys and skipped; a run that keeps
+    # diverging gives up after train.max_nonfinite consecutive skips instead of spinning
+    assert log.count("step 1: non-finite loss") == 3 and "batch keys ['" in log, log[-3000:]
+    assert p.returncode != 0 and "3 consecutive non-finite losses" in log
+    p = _single(_args(shard_dir, tmp_path / "stop", steps=4, **common, **{"train.on_nonfinite": "stop"}), tmp_path)
+    log = p.stdout + p.stderr
+    assert p.returncode != 0 and "non-finite loss at step 1" in log and log.count("step 1: non-finite loss") == 1

@@ -5,6 +5,7 @@
     vip shards read  [--config tiny] [data.batch_size=4 …]   (stream a few batches, print throughput)
     vip demo         [--config tiny]
     vip pretrain     [--config tiny] [train.steps=100 …]      (one process; launch/pretrain.sh for many)
+    vip caption      [--config tiny] [caption.model=… …]      (Ray job; launch/caption.sh submits it)
     vip plot         runs/pretrain/metrics.jsonl              (PNG curves)
     vip export       runs/pretrain [--out DIR]                (checkpoint → safetensors for vip.load)
     vip config       [--config tiny] [k=v …]                  (print the resolved config)
@@ -70,6 +71,11 @@ def cmd_export(cfg, args) -> int:
     return 0
 
 
+def cmd_caption(cfg, args) -> int:
+    from captioning.__main__ import run
+    return run(cfg)
+
+
 def cmd_demo(cfg, args) -> int:
     from vip.demo import run_demo
     return run_demo(cfg)
@@ -103,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", default=None, help="default: <run>/export")
     ex.add_argument("--tag", default=None, help="checkpoint tag (default: latest complete)")
     ex.set_defaults(fn=cmd_export, config="default", overrides=[])
+    add(sub, "caption", cmd_caption, "caption every clip's middle frame into caption sidecars (Ray)")
     d = add(sub, "demo", cmd_demo, "the end-to-end demo on tiny synthetic data")
     d.set_defaults(default_preset="tiny")
     add(sub, "config", cmd_config, "print the resolved config")

@@ -84,14 +84,18 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """CLIP-ViP model (filled in by the model issue)."""
+    """CLIP-ViP model (vip/model): open_clip arch + video encoder (DESIGN.md §4)."""
 
     arch: str = "ViT-B-32"         # any open_clip ViT, or a tiny test config name
     pretrained: Optional[str] = None  # open_clip tag, or a local file
     video_encoder: str = "vip"     # vip | meanpool | seqtransf | full
-    num_proxies: int = 4
-    max_frames: int = 12
+    num_proxies: int = 4           # M video proxy tokens (proxy 0 = CLIP's class token)
+    max_frames: int = 12           # rows of the temporal embedding (interpolated to other T)
     grad_checkpointing: bool = False
+    quick_gelu: bool = False       # force QuickGELU (OpenAI / CLIP-ViP weights; *-quickgelu archs have it)
+    attention: str = "fast"        # vip attention: fast (block-sparse) | dense (dense-mask oracle)
+    seq_layers: int = 4            # seqtransf: temporal transformer layers
+    init_logit_scale: float = 4.60  # log of the initial logit scale (clamped to [0, ln 200])
 
 
 @dataclass(frozen=True)
@@ -132,11 +136,49 @@ class TrainConfig:
     eval_shards: Optional[str] = None  # held-out shard folder for zero-shot retrieval
     eval_max_clips: int = 1000
     on_nonfinite: str = "skip"     # skip the step (and report it) | stop
+    max_nonfinite: int = 20        # give up after this many consecutive non-finite losses
     tensorboard: bool = True
     init_from: Optional[str] = None  # exported vip weights to start from (instead of model.pretrained)
     log_keys: bool = False         # write each rank's consumed sample keys per step (resume audits, tests)
     fault_step: Optional[int] = None  # test hook: rank fault_rank raises at this step
     fault_rank: int = 0
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    """The captioning job (DESIGN.md §7): each clip's middle frame → caption sidecar rows."""
+
+    shards: str = "data/shards"    # shard folder (shards.json or shard-*.tar)
+    out: Optional[str] = None      # sidecar folder; default <shards>/captions
+    captioner: str = "coca"        # coca (open_clip CoCa) | hf (any transformers image-to-text model)
+    model: str = "coca_ViT-L-14"   # open_clip name or local-dir:PATH | HF hub id or local folder
+    pretrained: Optional[str] = "mscoco_finetuned_laion2b_s13b_b90k"  # coca: open_clip tag or local weights file
+    revision: Optional[str] = None  # hf: hub revision (branch, tag or commit) of `model`
+    prompt: Optional[str] = None   # hf: text the caption continues (BLIP: "a picture of"); stripped from output
+    decoding: str = "auto"         # auto (beam on GPU, greedy on CPU) | beam | greedy | top_k | top_p
+    num_beams: int = 6
+    num_beam_groups: int = 3       # coca diverse beam search groups (open_clip default)
+    max_tokens: int = 30           # generated tokens per caption
+    min_tokens: int = 5
+    top_k: int = 50
+    top_p: float = 0.9
+    temperature: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 0                  # sampling seed (top_k/top_p), mixed with each batch's keys
+    batch_size: int = 32           # images per generate() call (halved automatically on errors, e.g. OOM)
+    chunk_size: int = 256          # images per unit of actor work; a shard is cut into chunks
+    device: str = "auto"           # auto (cuda when the cluster has GPUs) | cuda | cpu
+    precision: str = "auto"        # auto (fp16 on GPU, fp32 on CPU) | fp16 | bf16 | fp32
+    num_actors: int = 0            # 0: one per GPU; on CPU as many as fit beside one decode task
+    actor_cpus: float = 1.0        # CPUs reserved per captioner actor (its torch threads on CPU)
+    decode_cpus: float = 1.0       # CPUs per JPEG decode task
+    inflight_per_actor: int = 2    # chunks queued per actor: bounds memory to actors × this × chunk_size images
+    max_attempts: int = 3          # tries per chunk (actor deaths) before its clips get error captioner_failed
+    max_actor_restarts: int = 16   # replacement actors per job before the job gives up
+    ray_address: Optional[str] = None  # None: $RAY_ADDRESS, else a private local Ray on 127.0.0.1 | auto | ray://…
+    local_cpus: int = 0            # CPUs of the private local Ray (0: all cores)
+    limit_shards: Optional[int] = None  # only the first N shards (smoke runs)
+    fault_exit_chunk: Optional[int] = None  # FAULT INJECTION (tests only): actor 0 os._exit(1)s on its Nth chunk
 
 
 @dataclass(frozen=True)
@@ -150,6 +192,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
 
 
 # --------------------------------------------------------------------------- machinery

@@ -24,6 +24,9 @@ def export_checkpoint(run: str | Path, out: str | Path | None = None, tag: str |
     cfg = config_from_file(ckpt_dir / tag / "config.yaml")
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     model = build_model(cfg.model)
+    own = model.state_dict()
+    # the trainer holds 0-dim parameters (logit_scale) as [1]: restore the model's shapes
+    state = {k: (v.reshape(own[k].shape) if k in own and v.numel() == own[k].numel() else v) for k, v in state.items()}
     model.load_state_dict(state, strict=True)
     out = Path(out) if out else run / "export"
     export(model, cfg.model, out)

@@ -76,6 +76,24 @@ def _same_batch_size(n: int, device) -> bool:
     return int(t[0]) == n and int(-t[1]) == n
 
 
+def _promote_scalar_params(model: torch.nn.Module) -> list[str]:
+    """DeepSpeed's parameter broadcast, ZeRO flattening and gradient clipping break on 0-dim
+    parameters (CLIP's logit_scale): hold them as [1] while training. Broadcasting keeps every
+    use the same; export squeezes them back (the saved names and shapes do not change)."""
+    promoted = []
+    for mod_name, mod in model.named_modules():
+        for name, p in list(mod.named_parameters(recurse=False)):
+            if p.ndim == 0:
+                setattr(mod, name, torch.nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad))
+                promoted.append(f"{mod_name}.{name}" if mod_name else name)
+    return promoted
+
+
+def scalar_state_dict(model: torch.nn.Module, promoted: list[str]) -> dict:
+    """The model's state dict with promoted parameters squeezed back to 0-dim."""
+    return {k: (v.reshape(()) if k in promoted else v) for k, v in model.state_dict().items()}
+
+
 # --------------------------------------------------------------------------- the step
 def compute_loss(model, batch: dict, variant: str, device, dtype) -> tuple[torch.Tensor, dict]:
     """Encode, gather across ranks (gradients flow back to the local slice), OCL loss."""
@@ -94,6 +112,18 @@ def compute_loss(model, batch: dict, variant: str, device, dtype) -> tuple[torch
 
 # --------------------------------------------------------------------------- main
 def pretrain(cfg: Config) -> int:
+    """Run (or resume) pretraining; a failure on any rank is logged with the rank and step."""
+    state = {"rank": os.environ.get("RANK", "0"), "step": 0}
+    try:
+        return _pretrain(cfg, state)
+    except Exception as e:
+        log.error("rank %s failed at step %s: %s: %s\n%s", state["rank"], state["step"], type(e).__name__, e,
+                  traceback.format_exc())
+        sys.stderr.flush()
+        raise
+
+
+def _pretrain(cfg: Config, report: dict) -> int:
     import deepspeed
 
     from shards.reader import StreamLoader
@@ -102,6 +132,7 @@ def pretrain(cfg: Config) -> int:
     from vip.optim import lr_lambda, param_groups
 
     rank, world, device = init_distributed()
+    report["rank"] = rank
     tc = cfg.train
     out = Path(tc.out)
     if rank == 0:
@@ -115,6 +146,7 @@ def pretrain(cfg: Config) -> int:
     if tc.init_from:
         from vip.model.convert import load_weights_into
         load_weights_into(model, tc.init_from)
+    promoted = _promote_scalar_params(model)
     ds_config = make_ds_config(tc, cfg.optim, cfg.data, world, device.type)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim), config=ds_config,
@@ -123,6 +155,7 @@ def pretrain(cfg: Config) -> int:
     ckpt = CheckpointManager(out, tc.keep_last, rank, world)
     metrics = MetricsLog(out, enabled=rank == 0, tensorboard=tc.tensorboard)
     counters = {"nonfinite_skipped": 0, "short_batch_skipped": 0}
+    nonfinite_run = 0
 
     tag = ckpt.latest() if tc.resume == "auto" else (None if tc.resume == "none" else Path(tc.resume).name)
     if tag:
@@ -159,7 +192,7 @@ def pretrain(cfg: Config) -> int:
             t_wait = time.perf_counter()
             batch = next(data_iter)
             wait = time.perf_counter() - t_wait
-            step = engine.global_steps
+            step = report["step"] = engine.global_steps
             if tc.fault_step is not None and step == tc.fault_step and rank == tc.fault_rank:
                 raise RuntimeError(f"injected fault (train.fault_step={tc.fault_step})")
             if not _same_batch_size(len(batch["key"]), device):
@@ -169,17 +202,23 @@ def pretrain(cfg: Config) -> int:
             loss, terms = compute_loss(engine, batch, cfg.loss.variant, device, dtype)
             if not torch.isfinite(loss):
                 counters["nonfinite_skipped"] += 1
+                nonfinite_run += 1
                 log.error("step %d: non-finite loss %s; batch keys %s", step, loss.item(), batch["key"])
                 if tc.on_nonfinite == "stop":
                     raise FloatingPointError(f"non-finite loss at step {step}")
+                if nonfinite_run >= tc.max_nonfinite:
+                    raise FloatingPointError(f"{nonfinite_run} consecutive non-finite losses (last at step {step})")
                 continue
+            nonfinite_run = 0
             engine.backward(loss)
-            engine.step()
+            with torch.no_grad():  # gloo's all_gather_into_tensor writes into split views: no autograd here
+                engine.step()
+            boundary = engine.global_steps != step   # an optimizer step happened (accumulation boundary)
             meter.update(len(batch["key"]) * world, wait)
             if keys_log is not None:
                 keys_log.write(json.dumps({"step": step, "micro": engine.micro_steps, "keys": batch["key"]}) + "\n")
                 keys_log.flush()
-            if not engine.is_gradient_accumulation_boundary() and engine.global_steps == step:
+            if not boundary:
                 continue
             step = engine.global_steps
             if rank == 0 and (step % tc.log_every == 0 or step == tc.steps):
@@ -207,17 +246,16 @@ def pretrain(cfg: Config) -> int:
         if tc.eval_shards:
             _evaluate(engine.module, cfg, rank, world, device, dtype, metrics, engine.global_steps)
         if rank == 0:
+            from vip.model import build_model as _build
             from vip.model.convert import export
-            export(engine.module, cfg.model, out / "final")
+            final = _build(cfg.model)
+            final.load_state_dict(scalar_state_dict(engine.module, promoted), strict=True)
+            export(final, cfg.model, out / "final")
             log.info("done: %d steps; counters %s; read problems %s; final weights in %s",
                      engine.global_steps, counters, dict(loader.events), out / "final")
         return 0
-    except Exception as e:
-        log.error("rank %d failed at step %d: %s: %s\n%s", rank, engine.global_steps, type(e).__name__, e,
-                  traceback.format_exc())
-        sys.stderr.flush()
-        raise
     finally:
+        data_iter.close()   # stops the DataLoader workers now rather than at interpreter exit
         if keys_log is not None:
             keys_log.close()
         metrics.close()
@@ -246,8 +284,18 @@ def main(argv=None) -> int:
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    return pretrain(load_config(args.config, args.overrides))
+    rc = pretrain(load_config(args.config, args.overrides))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()   # a clean gloo shutdown: no teardown timeouts at exit
+    return rc
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # skip the interpreter's final garbage collection: with torch, deepspeed and transformers
+    # loaded it takes ~10 s per rank on exit, and everything is already written and closed
+    os._exit(code)
