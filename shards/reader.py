@@ -212,8 +212,15 @@ class ClipStream(IterableDataset):
 
 
 def _worker_init(_: int) -> None:
-    """One compute thread per worker: parallelism comes from the workers themselves."""
+    """One compute thread per worker: parallelism comes from the workers themselves.
+
+    Workers ignore SIGTERM/SIGINT: a scheduler preempting the job signals every process,
+    and the trainer must be able to finish its checkpoint with its workers alive (they
+    exit on their own when the main process goes away)."""
+    import signal
     torch.set_num_threads(1)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class StreamLoader:

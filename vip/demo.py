@@ -84,14 +84,19 @@ def run_demo(cfg: Config) -> int:
 
 
 def _captions(cfg: Config) -> None:
-    """The captioning job when it is installed; otherwise say why the captions are missing."""
-    try:
-        from captioning.job import run_job  # noqa: F401
-    except ImportError:
-        print("captioning job not available: training uses subtitles only for caption-less clips")
-        return
-    from captioning.demo import demo_captions
-    print(demo_captions(cfg))
+    """The real Ray captioning job over the training shards (a private Ray on 127.0.0.1).
+
+    Offline, the demo's captioner is a tiny random-weight CoCa saved to a local folder: the
+    job, the sidecars and the reader join are real; the captions themselves are noise. On a
+    cluster set caption.model / caption.pretrained to a real captioner (docs/captioning.md)."""
+    from captioning.job import run_caption_job
+    cap = cfg.caption
+    if cap.model.startswith("local-dir:") and not Path(cap.model[len("local-dir:"):]).exists():
+        from captioning.tiny import make_tiny_coca
+        make_tiny_coca(cap.model[len("local-dir:"):], image_size=64, seed=cfg.train.seed)
+        print(f"made a tiny random-weight CoCa in {cap.model} (no network here)")
+    summary = run_caption_job(dataclasses.replace(cap, shards=cfg.build.out))
+    print(summary.table())
 
 
 def _zero_shot(cfg: Config, eval_shards: str, weights: Path | None) -> dict:

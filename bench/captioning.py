@@ -1,0 +1,169 @@
+"""Captioning throughput: the whole Ray job next to the captioner alone on the same images.
+
+    python bench/captioning.py --quick                     # CI: tiny random CoCa, 64 clips, CPU (< 60 s)
+    python bench/captioning.py --arch coca_ViT-B-32 --clips 96 --max-tokens 20
+    python bench/captioning.py --device cuda --arch coca_ViT-L-14 --decoding beam --clips 4096 \\
+        --batch-size 64 --chunk-size 256                   # a GPU node (random weights unless --model)
+
+The images are middle-frame JPEGs in frame-only shards written by
+captioning.tiny.make_frame_shards (or --shards DIR). "Captioner alone" decodes
+them up front and times only `Captioner.caption` in batches in this process;
+"job" is `run_caption_job` on a private local Ray (decode tasks, actors,
+sidecar writes), reported end to end and after startup (Ray + model load).
+Overhead = captioner-alone rate / job rate. Random weights (the default)
+caption garbage but cost the same per token: every caption runs to
+--max-tokens, the worst case. Prints a markdown table; --json writes the numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from captioning.captioners import build_captioner  # noqa: E402
+from captioning.frames import load_chunk, plan_chunks  # noqa: E402
+from captioning.job import run_caption_job  # noqa: E402
+from captioning.tiny import make_frame_shards, make_tiny_coca  # noqa: E402
+from vip.config import CaptionConfig  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny CoCa, 64 clips, 8 tokens (CI)")
+    p.add_argument("--arch", default="coca_ViT-B-32", help="random-weight CoCa: 'tiny' or an open_clip coca_* name")
+    p.add_argument("--model", default=None, help="real weights instead: open_clip name (with --pretrained) or local-dir:PATH")
+    p.add_argument("--pretrained", default=None)
+    p.add_argument("--shards", default=None, help="existing shard folder (default: write frame-only shards)")
+    p.add_argument("--clips", type=int, default=96)
+    p.add_argument("--clips-per-shard", type=int, default=16)
+    p.add_argument("--frame-size", type=int, default=256, help="short side of the generated middle frames")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--decoding", default="auto", help="auto (beam on GPU, greedy on CPU) | beam | greedy | top_k | top_p")
+    p.add_argument("--max-tokens", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--chunk-size", type=int, default=16)
+    p.add_argument("--actors", type=int, default=0, help="0: one per GPU / as many as fit on CPU")
+    p.add_argument("--actor-cpus", type=float, default=1.0, help="CPUs (torch threads on CPU) per actor")
+    p.add_argument("--local-cpus", type=int, default=0, help="CPUs of the local Ray (0: all cores)")
+    p.add_argument("--work-dir", default=None, help="keep model, shards and sidecars here (default: a temp dir, removed)")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.arch, args.clips, args.clips_per_shard, args.max_tokens = "tiny", 64, 16, 8
+        args.batch_size, args.chunk_size, args.frame_size = 16, 16, 128
+    return args
+
+
+def caption_config(args, shards: Path, out: Path, model: str) -> CaptionConfig:
+    return CaptionConfig(shards=str(shards), out=str(out), model=model, pretrained=args.pretrained,
+                         decoding=args.decoding, max_tokens=args.max_tokens, min_tokens=min(5, args.max_tokens - 1),
+                         batch_size=args.batch_size, chunk_size=args.chunk_size, device=args.device,
+                         precision=args.precision, num_actors=args.actors, actor_cpus=args.actor_cpus,
+                         local_cpus=args.local_cpus)
+
+
+def captioner_alone(cfg: CaptionConfig, shards: Path, threads: int) -> dict:
+    """Model throughput on pre-decoded images in this process (no Ray, no I/O)."""
+    import numpy as np
+    import torch
+    from shards.reader import load_shardset
+    if cfg.device == "cpu":
+        torch.set_num_threads(threads)
+    cap = build_captioner(cfg)
+    spec = cap.input_spec
+    ss = load_shardset(shards)
+    keys, images = [], []
+    for sid, (name, n) in enumerate(zip(ss.names, ss.counts)):
+        for chunk in plan_chunks(sid, name, str(shards / name), n, 10 ** 9):
+            meta, imgs = load_chunk(chunk, spec.size, spec.resize)
+            keys += meta["ok"]
+            images.append(imgs)
+    images = np.concatenate(images)
+    bs = cfg.batch_size
+    cap.caption(images[:bs], keys[:bs])  # warm-up (allocator, kernels)
+    if cfg.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(0, len(keys), bs):
+        cap.caption(images[i:i + bs], keys[i:i + bs])
+    if cfg.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    return {"clips": len(keys), "seconds": dt, "captions_per_s": len(keys) / dt,
+            "provenance": dataclasses.asdict(cap.provenance)}
+
+
+def say(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def machine() -> str:
+    import torch
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    t_all = time.perf_counter()
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="vip_bench_caption_"))
+    if args.model:
+        model = args.model
+    else:
+        model = make_tiny_coca(work / "model", image_size=None if args.arch != "tiny" else 64,
+                               arch=None if args.arch == "tiny" else args.arch)
+    if args.shards:
+        shards = Path(args.shards)
+    else:
+        shards = work / "shards"
+        n_shards = -(-args.clips // args.clips_per_shard)
+        make_frame_shards(shards, n_shards, args.clips_per_shard, size=args.frame_size)
+    cfg = caption_config(args, shards, work / f"captions_{int(time.time())}", model)
+    say(f"model and shards ready after {time.perf_counter() - t_all:.1f} s; timing the captioner alone")
+    alone = captioner_alone(cfg, shards, threads=max(1, int(args.actor_cpus)))
+    say(f"captioner alone: {alone['captions_per_s']:.2f} captions/s; running the job")
+    job = run_caption_job(cfg)
+    assert job.clips == alone["clips"], (job.clips, alone["clips"])
+    gen = alone["provenance"]["generation"]
+    steady, overall = job.steady_captions_per_s, job.captions_per_s
+    rate = alone["captions_per_s"]
+    lines = [
+        f"model `{alone['provenance']['model']}` ({'random weights' if not args.model else alone['provenance']['model_tag']}), "
+        f"{gen['device']}/{gen['precision']}, decoding {gen['decoding']}, {args.max_tokens} tokens, "
+        f"input {gen['input_size']} px, batch {args.batch_size}, chunk {args.chunk_size}, "
+        f"{job.actors} actor(s) × {args.actor_cpus:g} CPU; {machine()}",
+        "",
+        "| run | clips | seconds | captions/s | overhead vs alone |",
+        "|---|---:|---:|---:|---:|",
+        f"| captioner alone (in-process, pre-decoded, {max(1, int(args.actor_cpus))} thread(s)) | {alone['clips']} | "
+        f"{alone['seconds']:.1f} | {rate:.2f} | 1.00× |",
+        f"| job after startup (decode tasks + actors + sidecars) | {job.clips} | {job.seconds - job.startup_seconds:.1f} | "
+        f"{steady:.2f} | {rate / steady if steady else float('inf'):.2f}× |",
+        f"| job end to end (+ Ray start, actor model load {job.startup_seconds:.1f} s) | {job.clips} | {job.seconds:.1f} | "
+        f"{overall:.2f} | {rate / overall if overall else float('inf'):.2f}× |",
+    ]
+    print("\n".join(lines))
+    print(f"\n(bench wall time {time.perf_counter() - t_all:.1f} s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"alone": alone, "job": job.to_dict(), "args": vars(args)}, indent=2))
+    if not args.work_dir:
+        shutil.rmtree(work, ignore_errors=True)  # random weights can be GBs
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
