@@ -49,7 +49,10 @@ def _keys(out):
 
 
 def _final(out):
-    return (Path(out) / "final" / "model.safetensors").read_bytes()
+    """Final weights as raw bytes per tensor (the safetensors header orders its metadata at random)."""
+    from safetensors.torch import load_file
+    sd = load_file(str(Path(out) / "final" / "model.safetensors"))
+    return {k: (v.dtype, tuple(v.shape), v.numpy().tobytes()) for k, v in sorted(sd.items())}
 
 
 @pytest.mark.slow
