@@ -31,15 +31,15 @@ class ClipError(Exception):
 class StoredFormat:
     """The training format of stored clips (recorded in every sample's json)."""
 
-    fps: float = 8.0
+    fps: float = 4.0
     short_side: int = 224
-    keyframe_interval: int = 8
+    keyframe_interval: int = 4
     crf: int = 23
     preset: str = "veryfast"
     jpeg_quality: int = 90
     frame_short_side: int = 256
     max_clip_seconds: float = 60.0
-    fast_decode: bool = False
+    fast_decode: bool = True
 
     @classmethod
     def from_config(cls, cfg: ShardBuildConfig) -> "StoredFormat":
@@ -193,6 +193,8 @@ def cut_clip(src: SourceVideo, start: float, end: float, fmt: StoredFormat) -> E
                 cache_out = f.reformat(width=w, height=h, format="yuv420p", interpolation="AREA")
             cache_out.pts = i  # the encoder copies the frame reference, pts included
             cache_out.time_base = vs.codec_context.time_base
+            # a source keyframe must not force one here: keyframes only every keyframe_interval
+            cache_out.pict_type = av.video.frame.PictureType.NONE
             for packet in vs.encode(cache_out):
                 out.mux(packet)
         for packet in vs.encode():

@@ -76,13 +76,25 @@ class _Tokenizer:
         return {"name": self.name, "context_length": self.context_length, "_tok": None}
 
 
+_SCALE = (1.0 / (255.0 * torch.tensor(CLIP_STD))).view(3, 1, 1)
+_SHIFT = (-torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD)).view(3, 1, 1)
+
+
 def normalise(frames: np.ndarray) -> torch.Tensor:
-    """uint8 [..., H, W, 3] → CLIP-normalised float [..., 3, H, W]."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).float().div_(255.0)
-    x = x.movedim(-1, -3)
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
-    return x.sub_(mean).div_(std)
+    """uint8 [..., H, W, 3] → CLIP-normalised float [..., 3, H, W] (contiguous).
+
+    One copy into a channels-first float tensor, then scale and shift in place; inside a
+    DataLoader worker the output lives in shared memory, so handing the batch to the main
+    process does not copy it again (as torch's default_collate does)."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).movedim(-1, -3)
+    shape = x.shape
+    if get_worker_info() is not None:
+        storage = torch.UntypedStorage._new_shared(x.numel() * 4)
+        out = torch.empty(0, dtype=torch.float32).set_(storage).view(shape)
+    else:
+        out = torch.empty(shape, dtype=torch.float32)
+    out.copy_(x)
+    return out.mul_(_SCALE).add_(_SHIFT)
 
 
 def decode_jpeg(data: bytes, size: int, resize: str) -> np.ndarray:

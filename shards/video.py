@@ -11,6 +11,7 @@ import io
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 
 def sample_indices(num_frames: int, T: int, train: bool, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -67,6 +68,9 @@ def decode_frames(mp4: bytes, indices: np.ndarray, size: int, resize: str = "squ
     uniq = np.unique(want)
     last = int(uniq[-1])
     got: dict[int, np.ndarray] = {}
+    # one swscale context for the whole clip (frame.reformat builds a new one per frame, and a
+    # thread pool with it): ~3x less CPU per converted frame, bit-identical output
+    scaler = VideoReformatter()
     with av.open(io.BytesIO(mp4), mode="r") as container:
         stream = container.streams.video[0]
         cc = stream.codec_context
@@ -95,7 +99,7 @@ def decode_frames(mp4: bytes, indices: np.ndarray, size: int, resize: str = "squ
                 if i < int(pending[0]):
                     continue  # decoded only to reach a later frame: no colour conversion
                 # i >= the next wanted index (the clip may hold fewer frames than its json says)
-                got[i] = frame.reformat(width=w, height=h, format="rgb24").to_ndarray()
+                got[i] = scaler.reformat(frame, width=w, height=h, format="rgb24", threads=1).to_ndarray()
                 while pending and int(pending[0]) <= i:
                     pending.pop(0)
                 if not pending:

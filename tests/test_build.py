@@ -104,3 +104,27 @@ def test_build_over_local_ray(corpus, tmp_path, shard_dir):
     assert s.shards_built == 6 and s.clips_written == 12 and s.shards_failed == 0
     for tar in sorted(shard_dir.glob("shard-*.tar")):
         assert (tmp_path / "ray" / tar.name).read_bytes() == tar.read_bytes()
+
+
+def test_source_keyframes_do_not_leak_into_stored_gop(tmp_path):
+    """A source with frequent keyframes still gives stored clips a keyframe exactly every interval."""
+    from shards.encode import StoredFormat, cut_clip, open_source
+    from shards.synth import ClipPlan, render_frame
+    plan = ClipPlan("v.0.mp4", 0.0, 4.0, "red", "circle", "left", (10, 20, 30), 0)
+    src = tmp_path / "v.mp4"
+    with av.open(str(src), "w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=30)
+        s.width, s.height, s.pix_fmt = 128, 72, "yuv420p"
+        s.options = {"x264-params": "keyint=7:min-keyint=7:scenecut=0"}
+        for i in range(120):
+            f = av.VideoFrame.from_ndarray(render_frame(plan, i / 30, 128, 72), format="rgb24")
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    video = open_source(str(src))
+    clip = cut_clip(video, 0.3, 3.9, StoredFormat(fps=10, short_side=64, keyframe_interval=8, frame_short_side=64))
+    video.close()
+    with av.open(io.BytesIO(clip.mp4)) as c:
+        keys = [i for i, f in enumerate(c.decode(video=0)) if f.key_frame]
+    assert clip.num_frames == 36 and keys == [0, 8, 16, 24, 32]

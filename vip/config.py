@@ -48,14 +48,15 @@ class ShardBuildConfig:
     videos: str = "data/synth/videos"
     out: str = "data/shards"
     clips_per_shard: int = 1000     # ~100-300 MB shards at the default format
-    fps: float = 8.0               # stored frame rate (<= source rate)
+    # stored format, chosen by bench/data.py (docs/benchmarks.md): fewest reader cores per clip
+    fps: float = 4.0               # stored frame rate (<= source rate)
     short_side: int = 224          # stored short side in pixels (even)
-    keyframe_interval: int = 8     # GOP length of the stored clip, in frames
+    keyframe_interval: int = 4     # GOP length of the stored clip, in frames
     crf: int = 23
     preset: str = "veryfast"
     jpeg_quality: int = 90
     frame_short_side: int = 256    # stored middle-frame JPEG (captioner input)
-    fast_decode: bool = False      # x264 --tune fastdecode (no CABAC/deblock: faster reads, bigger files)
+    fast_decode: bool = True       # x264 --tune fastdecode (no CABAC/deblock: faster reads, ~16% bigger files)
     max_clip_seconds: float = 60.0  # longer spans are cut to this
     workers: int = 2               # local processes (ignored with ray_address)
     ray_address: Optional[str] = None  # "auto", "ray://…" or "local" to use Ray
