@@ -27,7 +27,7 @@ def _stage(i: int, title: str) -> None:
 
 def _eval_cfgs(cfg: Config):
     synth = dataclasses.replace(cfg.synth, out=cfg.synth.out.rstrip("/") + "_eval", seed=cfg.synth.seed + 1000,
-                                num_videos=max(2, cfg.synth.num_videos // 2))
+                                num_videos=max(2, cfg.synth.num_videos // 3))
     build = dataclasses.replace(cfg.build, metadata=f"{synth.out}/metadata.jsonl",
                                 subtitles=f"{synth.out}/subtitles.jsonl", videos=f"{synth.out}/videos",
                                 out=cfg.train.eval_shards or cfg.build.out.rstrip("/") + "_eval")
@@ -77,6 +77,7 @@ def run_demo(cfg: Config) -> int:
     png = plot_metrics(Path(cfg.train.out) / "metrics.jsonl")
     table = format_table({"untrained": before, "pretrained": after})
     (Path(cfg.train.out) / "retrieval.md").write_text(table + "\n")
+    (Path(cfg.train.out) / "retrieval.json").write_text(json.dumps({"untrained": before, "pretrained": after}, indent=2))
     print(table)
     print(f"\ncurves: {png}\nmetrics: {Path(cfg.train.out) / 'metrics.jsonl'}")
     print(f"demo finished in {time.perf_counter() - t0:.1f}s")
