@@ -124,3 +124,28 @@ def test_nonfinite_loss_is_reported_then_skipped_or_stops(shard_dir, tmp_path):
     p = _single(_args(shard_dir, tmp_path / "stop", steps=4, **common, **{"train.on_nonfinite": "stop"}), tmp_path)
     log = p.stdout + p.stderr
     assert p.returncode != 0 and "non-finite loss at step 1" in log and log.count("step 1: non-finite loss") == 1
+
+
+@pytest.mark.slow
+def test_scheduler_mode_two_nodes_on_loopback(shard_dir, tmp_path):
+    """launch/pretrain.sh as a scheduler runs it: once per node with --node-rank (no ssh). Two
+    'nodes' of one process each on this machine form one 2-rank job."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    args = _args(shard_dir, tmp_path / "mn", steps=2)
+    procs = [subprocess.Popen(["bash", str(ROOT / "launch/pretrain.sh"), "--node-rank", str(r), "--nnodes", "2",
+                               "--master-addr", "127.0.0.1", "--master-port", "29618", "--nproc", "1",
+                               "--python", sys.executable, "--", *args], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    assert "world 2" in logs[0] and "--node_rank=1" in logs[1]
+    keys = _keys(tmp_path / "mn")
+    assert len(keys[0]) == 2 and set(keys[0][0]).isdisjoint(keys[1][0])
+    # `vip export` of the last checkpoint gives the same weights as the run's final export
+    vip = str(Path(sys.executable).parent / "vip")
+    p = subprocess.run([vip, "export", str(tmp_path / "mn"), "--out", str(tmp_path / "exp")], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (tmp_path / "exp_final").mkdir()
+    (tmp_path / "exp_final" / "final").symlink_to(tmp_path / "exp")
+    assert _final(tmp_path / "exp_final") == _final(tmp_path / "mn")
