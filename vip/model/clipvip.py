@@ -1,0 +1,143 @@
+"""`CLIPViP`: a video encoder (ViP or a baseline) + open_clip's text tower + a learnable logit scale.
+
+Parameter names follow open_clip's ``CLIP`` (``visual.*``, ``transformer.*``,
+``token_embedding``, ``positional_embedding``, ``ln_final``, ``text_projection``,
+``logit_scale``), so an open_clip checkpoint loads into a CLIPViP with only the new
+parameters missing (``visual.proxies``, ``visual.temporal_embedding``, seqTransf's head).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vip.config import ModelConfig
+
+Tensor = torch.Tensor
+
+LOGIT_SCALE_MAX = math.log(200.0)
+VIDEO_ENCODERS = ("vip", "meanpool", "seqtransf", "full")
+
+
+def make_video_encoder(clip: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """The vision side selected by ``cfg.video_encoder``, built around ``clip.visual``."""
+    from vip.model.baselines import MeanPoolViT, SeqTransfViT
+    from vip.model.vip_vit import VideoViT
+    kind = cfg.video_encoder
+    if kind == "vip":
+        if cfg.attention not in ("fast", "dense"):
+            raise ValueError(f"model.attention must be fast or dense, got {cfg.attention!r}")
+        return VideoViT(clip.visual, cfg.num_proxies, cfg.max_frames,
+                        attention="proxy" if cfg.attention == "fast" else "proxy_dense")
+    if kind == "full":
+        return VideoViT(clip.visual, 1, cfg.max_frames, attention="full")
+    if kind == "meanpool":
+        return MeanPoolViT(clip.visual, cfg.max_frames)
+    if kind == "seqtransf":
+        act = type(clip.transformer.resblocks[0].mlp.gelu)
+        return SeqTransfViT(clip.visual, cfg.max_frames, cfg.seq_layers, text_transformer=clip.transformer,
+                            text_positional=clip.positional_embedding, act_layer=act)
+    raise ValueError(f"model.video_encoder must be one of {VIDEO_ENCODERS}, got {kind!r}")
+
+
+class CLIPViP(nn.Module):
+    """Video-text dual encoder. Build it with `build_model(ModelConfig)`.
+
+    encode_video(video [B, T, 3, H, W]), encode_image(image [B, 3, H, W]) and
+    encode_text(tokens [B, L]) return L2-normalised features [B, D]. `forward` runs whatever
+    inputs it is given in one call (for the trainer) and returns them with the clamped
+    logit scale (log space; the losses take exp).
+    """
+
+    def __init__(self, clip: nn.Module, cfg: ModelConfig):
+        super().__init__()
+        self.visual = make_video_encoder(clip, cfg)
+        # open_clip CLIP's text tower, same attribute names
+        self.transformer = clip.transformer
+        self.token_embedding = clip.token_embedding
+        self.positional_embedding = clip.positional_embedding               # [context, W]
+        self.ln_final = clip.ln_final
+        self.text_projection = clip.text_projection                         # [W, D]
+        self.register_buffer("attn_mask", clip.attn_mask, persistent=False)  # [context, context] causal, -inf
+        self.text_pool_type = clip.text_pool_type
+        self.text_eos_id = getattr(clip, "text_eos_id", None)
+        self.context_length = clip.context_length
+        self.vocab_size = clip.vocab_size
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        self.embed_dim = self.visual.output_dim
+
+    # ------------------------------------------------------------------ switches
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each transformer block in backward (vision and text)."""
+        self.visual.set_grad_checkpointing(enable)
+        self.transformer.grad_checkpointing = enable
+
+    def scale(self) -> Tensor:
+        """The logit scale in log space, clamped to [0, ln 200] (a scalar tensor)."""
+        return self.logit_scale.clamp(0.0, LOGIT_SCALE_MAX)
+
+    # ------------------------------------------------------------------ encoders
+    def encode_video(self, video: Tensor, normalize: bool = True) -> Tensor:
+        """video [B, T, 3, H, W] (CLIP-normalised pixels) → [B, D]."""
+        x = self.visual(video)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_image(self, image: Tensor, normalize: bool = True) -> Tensor:
+        """image [B, 3, H, W] → [B, D]: a 1-frame video (ViP: middle temporal embedding)."""
+        if image.ndim != 4:
+            raise ValueError(f"image must be [B, 3, H, W], got {tuple(image.shape)}")
+        return self.encode_video(image.unsqueeze(1), normalize)
+
+    def encode_text(self, text: Tensor, normalize: bool = True) -> Tensor:
+        """tokens [B, L] (open_clip tokenizer, L <= context length) → [B, D]."""
+        L = text.shape[1]
+        if L > self.context_length:
+            raise ValueError(f"text has {L} tokens; the text tower's context length is {self.context_length}")
+        cast_dtype = self.transformer.get_cast_dtype()
+        x = self.token_embedding(text).to(cast_dtype)                       # [B, L, W]
+        x = x + self.positional_embedding[:L].to(cast_dtype)
+        mask = self.attn_mask[:L, :L] if self.attn_mask is not None else None
+        x = self.transformer(x, attn_mask=mask)
+        x = self.ln_final(x)
+        from open_clip.transformer import text_global_pool
+        x = text_global_pool(x, text, self.text_pool_type, eos_token_id=self.text_eos_id)  # [B, W]
+        if self.text_projection is not None:
+            x = self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
+        return F.normalize(x, dim=-1) if normalize else x
+
+    # ------------------------------------------------------------------ training
+    def forward(self, video: Tensor | None = None, frame: Tensor | None = None, subtitle: Tensor | None = None,
+                caption: Tensor | None = None) -> dict[str, Tensor | None]:
+        """One call for the trainer: any of video [B, T, 3, H, W], frame [B, 3, H, W],
+        subtitle [B, L], caption [B, L]. Returns {"video", "frame", "subtitle", "caption"}:
+        L2-normalised features [B, D] (None for inputs not given) and "logit_scale": the
+        clamped log-space scale (scalar). Subtitles and captions of the same length share one
+        text-tower pass."""
+        out: dict[str, Tensor | None] = {"video": None, "frame": None, "subtitle": None, "caption": None}
+        if video is not None:
+            out["video"] = self.encode_video(video)
+        if frame is not None:
+            out["frame"] = self.encode_image(frame)
+        if subtitle is not None and caption is not None and subtitle.shape[1] == caption.shape[1]:
+            t = self.encode_text(torch.cat([subtitle, caption]))
+            out["subtitle"], out["caption"] = t[:subtitle.shape[0]], t[subtitle.shape[0]:]
+        else:
+            if subtitle is not None:
+                out["subtitle"] = self.encode_text(subtitle)
+            if caption is not None:
+                out["caption"] = self.encode_text(caption)
+        out["logit_scale"] = self.scale()
+        return out
+
+
+def build_model(cfg: ModelConfig) -> CLIPViP:
+    """CLIPViP from a ModelConfig: open_clip arch (+ pretrained weights: a local file, or a tag
+    where the network is reachable) wrapped with the selected video encoder."""
+    from vip.model.archs import build_clip
+    clip = build_clip(cfg.arch, cfg.pretrained, quick_gelu=cfg.quick_gelu)
+    model = CLIPViP(clip, cfg)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
