@@ -8,6 +8,9 @@
     vip caption      [--config tiny] [caption.model=… …]      (Ray job; launch/caption.sh submits it)
     vip plot         runs/pretrain/metrics.jsonl              (PNG curves)
     vip export       runs/pretrain [--out DIR]                (checkpoint → safetensors for vip.load)
+    vip eval         [--model DIR | --open-clip CKPT] --annotations A.jsonl --videos DIR [--paragraph] [eval.k=v …]
+    vip embed        --model DIR (--videos DIR | --shards DIR) --out emb.parquet   (embeddings → parquet)
+    vip analyze domain-gap (--model DIR | --open-clip CKPT) --corpus NAME=PATH … [--pair A:B …]  (NMI table)
     vip config       [--config tiny] [k=v …]                  (print the resolved config)
 """
 from __future__ import annotations
@@ -81,6 +84,31 @@ def cmd_demo(cfg, args) -> int:
     return run_demo(cfg)
 
 
+def _eval_cfg(cfg, args):
+    import dataclasses
+    flags = {"model": args.model, "open_clip": args.open_clip, "annotations": args.annotations,
+             "videos": args.videos, "shards": args.shards, "out": args.out}
+    ev = dataclasses.replace(cfg.eval, **{k: v for k, v in flags.items() if v is not None})
+    return dataclasses.replace(ev, paragraph=True) if args.paragraph else ev
+
+
+def cmd_eval(cfg, args) -> int:
+    from vip.eval.retrieval_eval import run_eval
+    run_eval(_eval_cfg(cfg, args))
+    return 0
+
+
+def cmd_embed(cfg, args) -> int:
+    from vip.inference import run_embed
+    print(run_embed(_eval_cfg(cfg, args)))
+    return 0
+
+
+def cmd_domain_gap(cfg, args) -> int:
+    from vip.analyze import run_domain_gap
+    return run_domain_gap(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vip", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -112,6 +140,26 @@ def build_parser() -> argparse.ArgumentParser:
     add(sub, "caption", cmd_caption, "caption every clip's middle frame into caption sidecars (Ray)")
     d = add(sub, "demo", cmd_demo, "the end-to-end demo on tiny synthetic data")
     d.set_defaults(default_preset="tiny")
+    for name, fn, help_ in (("eval", cmd_eval, "text↔video retrieval on annotation jsonl + a video folder"),
+                            ("embed", cmd_embed, "video embeddings of a folder or shard set → parquet")):
+        ev = add(sub, name, fn, help_)
+        for flag in ("--model", "--open-clip", "--annotations", "--videos", "--shards", "--out"):
+            ev.add_argument(flag, default=None)
+        ev.add_argument("--paragraph", action="store_true", help="join each clip's captions into one paragraph")
+    an = sub.add_parser("analyze", help="analyses").add_subparsers(dest="cmd", required=True)
+    dg = an.add_parser("domain-gap", help="K-means NMI between text corpora in a CLIP text tower")
+    dg.add_argument("--model", default=None, help="exported vip folder")
+    dg.add_argument("--open-clip", default=None, help="local open_clip checkpoint file (with --arch)")
+    dg.add_argument("--arch", default="ViT-B-32")
+    dg.add_argument("--corpus", action="append", required=True, help="NAME=PATH (jsonl or one text per line)")
+    dg.add_argument("--pair", action="append", default=[], help="A:B (default: all pairs)")
+    dg.add_argument("--field", default="text")
+    dg.add_argument("--n", type=int, default=1000)
+    dg.add_argument("--repeats", type=int, default=10)
+    dg.add_argument("--seed", type=int, default=0)
+    dg.add_argument("--device", default="auto")
+    dg.add_argument("--out", default=None, help="rows as JSON")
+    dg.set_defaults(fn=cmd_domain_gap, config="default", overrides=[])
     add(sub, "config", cmd_config, "print the resolved config")
     return p
 

@@ -183,6 +183,28 @@ class CaptionConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Retrieval evaluation (`vip eval`) and embedding (`vip embed`) on annotation jsonl + a video folder."""
+
+    annotations: str = ""          # jsonl: {"clip_id": str, "text": str | [str, ...]}
+    videos: str = ""               # folder of <clip_id> or <clip_id>.<ext> videos (any container PyAV reads)
+    model: Optional[str] = None    # exported vip model folder (vip.load)
+    open_clip: Optional[str] = None  # local open_clip checkpoint file: MeanPool zero-shot baseline (when no model)
+    arch: str = "ViT-B-32"         # open_clip arch of the open_clip checkpoint
+    quick_gelu: bool = False       # open_clip baseline: force QuickGELU (OpenAI weights)
+    tokenizer: Optional[str] = None  # open_clip tokenizer name; default: the model's arch
+    paragraph: bool = False        # join a clip's caption list into one paragraph (DiDeMo)
+    num_frames: int = 12           # frames sampled evenly over the whole video
+    resize: str = "squash"         # squash (reference) | crop
+    batch_size: int = 16           # videos per encode_video call
+    text_batch_size: int = 256
+    num_workers: int = 0           # decode workers (DataLoader)
+    device: str = "auto"           # auto (cuda if available) | cuda | cpu
+    out: str = "eval.json"         # metrics JSON (vip eval) / parquet (vip embed)
+    shards: Optional[str] = None   # vip embed: a shard folder instead of a video folder
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole program's config; every command uses the sections it needs."""
 
@@ -194,6 +216,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # --------------------------------------------------------------------------- machinery

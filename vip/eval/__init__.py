@@ -1,0 +1,1 @@
+"""Evaluation: retrieval on annotation jsonl + a video folder (`vip eval`), retrieval heads."""

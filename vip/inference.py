@@ -1,0 +1,204 @@
+"""Inference helpers: encode videos (files, uint8 arrays, tensors) and texts with a vip model.
+
+    from vip.inference import load
+    m = load("runs/pretrain/export")                 # VideoTextModel around a CLIPViP
+    v = m.encode_video(["a.mp4", "b.mkv"])            # [2, D] L2-normalised
+    t = m.encode_text(["a dog catches a frisbee"])    # [1, D]
+    s = m.similarity(["a.mp4", "b.mkv"], ["a dog", "a cat"])   # [2 texts, 2 videos] cosine
+
+`vip embed` writes the embeddings of a video folder (or a shard folder) to parquet.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from shards.reader import normalise
+from shards.video import sample_indices
+from vip.config import EvalConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+VideoInput = Union[str, os.PathLike, np.ndarray, torch.Tensor]
+
+
+def _to_clip(x, num_frames: int, size: int, resize: str) -> torch.Tensor:
+    """One video → normalised float [T, 3, size, size]."""
+    from vip.eval.videos import load_video
+    if isinstance(x, (str, os.PathLike)):
+        return normalise(load_video(x, num_frames, size, resize))
+    if isinstance(x, np.ndarray):
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"a frame array must be uint8 [T, H, W, 3], got {x.dtype} {x.shape}")
+        x = x[sample_indices(len(x), num_frames, train=False)]            # evenly spaced T frames
+        v = normalise(x)                                                  # [T, 3, H, W]
+        if v.shape[-2:] != (size, size):
+            # squash-resize uint8 frames, then normalise (same order as the decoder path)
+            u = torch.from_numpy(np.ascontiguousarray(x)).movedim(-1, 1).float()
+            u = F.interpolate(u, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            v = normalise(u.round().clamp(0, 255).to(torch.uint8).movedim(1, -1).numpy())
+        return v
+    raise TypeError(f"unsupported video input {type(x).__name__}")
+
+
+class VideoTextModel:
+    """A CLIPViP plus its tokenizer and input size: encode paths, arrays, tensors and strings.
+
+    Drop-in for the CLIPViP it wraps: tensors pass straight through (video [B, T, 3, H, W],
+    token ids [B, L]) and any other attribute (state_dict, training, visual, …) is the model's."""
+
+    def __init__(self, model, model_cfg: ModelConfig, num_frames: int | None = None, resize: str = "squash",
+                 tokenizer: str | None = None):
+        from vip.eval.retrieval_eval import image_size, tokenizer_for
+        self.model, self.cfg = model.eval(), model_cfg
+        self.num_frames = num_frames or model_cfg.max_frames
+        self.resize = resize
+        self.image_size = image_size(model)
+        self.tokenize = tokenizer_for(tokenizer or model_cfg.arch, model.context_length)
+
+    def __getattr__(self, name):
+        model = self.__dict__.get("model")
+        if model is None:
+            raise AttributeError(name)
+        return getattr(model, name)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device) -> "VideoTextModel":
+        self.model.to(device)
+        return self
+
+    def video_tensor(self, videos: VideoInput | Sequence[VideoInput], num_frames: int | None = None) -> torch.Tensor:
+        """Inputs → normalised [B, T, 3, H, W]. Float tensors are taken as already normalised."""
+        T = num_frames or self.num_frames
+        if isinstance(videos, torch.Tensor):
+            if videos.ndim == 4:
+                return videos[None]                                       # [T, 3, H, W] → [1, T, 3, H, W]
+            if videos.ndim == 5:
+                return videos
+            raise ValueError(f"a video tensor must be [T, 3, H, W] or [B, T, 3, H, W], got {tuple(videos.shape)}")
+        if isinstance(videos, (str, os.PathLike, np.ndarray)):
+            videos = [videos]
+        return torch.stack([_to_clip(v, T, self.image_size, self.resize) for v in videos])
+
+    @torch.no_grad()
+    def encode_video(self, videos: VideoInput | Sequence[VideoInput], num_frames: int | None = None,
+                     batch_size: int = 16) -> torch.Tensor:
+        """→ L2-normalised [B, D] (float32, on the model's device)."""
+        x = self.video_tensor(videos, num_frames)
+        dtype = next(self.model.parameters()).dtype
+        return torch.cat([self.model.encode_video(x[i:i + batch_size].to(self.device, dtype)).float()
+                          for i in range(0, len(x), batch_size)])
+
+    @torch.no_grad()
+    def encode_text(self, texts: str | Sequence[str] | torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Strings (or token ids [N, L]) → L2-normalised [N, D] (float32)."""
+        if isinstance(texts, torch.Tensor):
+            return self.model.encode_text(texts.to(self.device)).float()
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return torch.cat([self.model.encode_text(self.tokenize(texts[i:i + batch_size]).to(self.device)).float()
+                          for i in range(0, len(texts), batch_size)])
+
+    def similarity(self, videos, texts, num_frames: int | None = None) -> torch.Tensor:
+        """Cosine similarity [num_texts, num_videos] (multiply by exp(logit_scale) for logits)."""
+        return self.encode_text(texts) @ self.encode_video(videos, num_frames).T
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", num_frames: int | None = None,
+         resize: str = "squash") -> VideoTextModel:
+    """An exported vip model folder → VideoTextModel (eval mode)."""
+    from vip.model.convert import load as load_model, read_model_config
+    return VideoTextModel(load_model(path, device=device), read_model_config(path), num_frames, resize)
+
+
+# module-level function forms
+def encode_video(model, videos, num_frames: int = 12) -> torch.Tensor:
+    """`model`: a VideoTextModel, or a CLIPViP (tiny/test archs use the default tokenizer)."""
+    return _wrap(model).encode_video(videos, num_frames)
+
+
+def encode_text(model, texts) -> torch.Tensor:
+    return _wrap(model).encode_text(texts)
+
+
+def similarity(model, videos, texts, num_frames: int = 12) -> torch.Tensor:
+    return _wrap(model).similarity(videos, texts, num_frames)
+
+
+def _wrap(model) -> VideoTextModel:
+    if isinstance(model, VideoTextModel):
+        return model
+    arch = "ViT-B-32"
+    return VideoTextModel(model, ModelConfig(arch=arch, max_frames=12), tokenizer=arch)
+
+
+# --------------------------------------------------------------------------- vip embed
+def _write_parquet(keys: list[str], emb: np.ndarray, out: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    out.parent.mkdir(parents=True, exist_ok=True)
+    D = emb.shape[1] if emb.ndim == 2 else 0
+    col = pa.ListArray.from_arrays(pa.array(np.arange(0, len(keys) * D + 1, D, dtype=np.int32)),
+                                   pa.array(emb.reshape(-1).astype(np.float32)))
+    tmp = out.with_name(out.name + ".tmp")
+    pq.write_table(pa.table({"key": pa.array(keys, pa.string()), "embedding": col}), str(tmp))
+    tmp.replace(out)
+
+
+@torch.no_grad()
+def embed_folder(m: VideoTextModel, folder: str | Path, batch_size: int = 16, num_workers: int = 0,
+                 progress: bool = True) -> tuple[list[str], np.ndarray, dict]:
+    """Every video file in `folder` → (file names, [N, D] float32, {name: failure reason})."""
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+    from vip.eval.videos import VideoFolder, collate
+    names = sorted(p.name for p in Path(folder).iterdir() if p.is_file())
+    ds = VideoFolder(names, folder, m.num_frames, m.image_size, m.resize)
+    keys, feats, failed = [], [], {}
+    for b in tqdm(DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate),
+                  desc="embed", unit="batch", disable=not progress):
+        failed.update({names[i]: r for i, r in b["failed"]})
+        if b["video"] is not None:
+            keys += [names[i] for i in b["index"]]
+            feats.append(m.encode_video(b["video"]).cpu())
+    emb = torch.cat(feats).numpy() if feats else np.zeros((0, m.model.embed_dim), np.float32)
+    return keys, emb, failed
+
+
+@torch.no_grad()
+def embed_shards(m: VideoTextModel, shards: str, batch_size: int = 16, num_workers: int = 0
+                 ) -> tuple[list[str], np.ndarray, dict]:
+    """A shard folder read in eval mode (evenly spaced frames, in order) → (keys, [N, D], {reason: count})."""
+    from shards.reader import StreamLoader
+    from vip.config import DataConfig
+    data = DataConfig(shards=shards, num_frames=m.num_frames, image_size=m.image_size, resize=m.resize,
+                      batch_size=batch_size, num_workers=num_workers, train=False)
+    keys, feats = [], []
+    loader = StreamLoader(data)
+    for b in loader:
+        keys += list(b["key"])
+        feats.append(m.encode_video(b["video"]).cpu())
+    emb = torch.cat(feats).numpy() if feats else np.zeros((0, m.model.embed_dim), np.float32)
+    return keys, emb, dict(loader.events)                                # failures counted by reason
+
+
+def run_embed(cfg: EvalConfig) -> str:
+    """`vip embed`: cfg.model + (cfg.shards | cfg.videos) → parquet at cfg.out (key, embedding)."""
+    from vip.eval.retrieval_eval import pick_device
+    if not cfg.model:
+        raise ValueError("vip embed needs --model (an exported folder)")
+    m = load(cfg.model, device=pick_device(cfg.device), num_frames=cfg.num_frames, resize=cfg.resize)
+    if cfg.shards:
+        keys, emb, failed = embed_shards(m, cfg.shards, cfg.batch_size, cfg.num_workers)
+    else:
+        keys, emb, failed = embed_folder(m, cfg.videos, cfg.batch_size, cfg.num_workers)
+    out = Path(cfg.out if cfg.out.endswith(".parquet") else str(Path(cfg.out).with_suffix(".parquet")))
+    _write_parquet(keys, emb, out)
+    return f"{len(keys)} embeddings (dim {emb.shape[1] if len(keys) else 0}) → {out}; {len(failed)} failed {failed}"
