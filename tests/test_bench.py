@@ -30,3 +30,15 @@ def test_bench_captioning_quick(tmp_path):
     p = _bench("captioning.py", "--quick", "--json", str(tmp_path / "cap.json"))
     assert p.returncode == 0, p.stderr[-3000:]
     assert "captioner alone" in p.stdout and "overhead" in p.stdout
+
+
+@pytest.mark.slow
+def test_bench_train_step_quick(tmp_path):
+    p = _bench("train_step.py", "--quick", "--json", str(tmp_path / "ts.json"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "| vip | off |" in p.stdout and "MFU" in p.stdout
+    res = json.loads((tmp_path / "ts.json").read_text())
+    rows = {(r["encoder"], r["grad_ckpt"]): r for r in res["rows"]}
+    # FLOPs are model FLOPs: checkpointing recomputes but does not change them
+    assert rows[("vip", True)]["gflops_per_clip"] == pytest.approx(rows[("vip", False)]["gflops_per_clip"])
+    assert all(0 < r["mfu"] < 1 for r in res["rows"])
