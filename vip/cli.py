@@ -62,6 +62,11 @@ def cmd_pretrain(cfg, args) -> int:
     return pretrain(cfg)
 
 
+def cmd_finetune(cfg, args) -> int:
+    from vip.finetune import finetune
+    return finetune(cfg)
+
+
 def cmd_plot(cfg, args) -> int:
     from vip.plot import plot_metrics
     print(plot_metrics(args.metrics, args.out))
@@ -128,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     rd = add(sh, "read", cmd_read, "stream batches from shards and report throughput")
     rd.add_argument("--batches", type=int, default=10)
     add(sub, "pretrain", cmd_pretrain, "post-pretrain (one process; use launch/pretrain.sh for many)")
+    add(sub, "finetune", cmd_finetune, "downstream retrieval fine-tuning (python -m vip.finetune under a launcher)")
     pl = sub.add_parser("plot", help="metrics.jsonl → PNG curves")
     pl.add_argument("metrics")
     pl.add_argument("--out", default=None)

@@ -205,6 +205,33 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """Downstream retrieval fine-tuning (`vip finetune`). Reference: lr 1e-6, wd 0.2, batch 128,
+    12 frames; epochs MSR-VTT 5 / DiDeMo 20 / LSMDC 10 / ActivityNet 20. The best epoch is chosen
+    on the validation split (never on test)."""
+
+    annotations: str = ""          # train jsonl {"clip_id", "text": str | [str, ...]}
+    videos: str = ""               # folder of the train videos
+    val_annotations: str = ""      # validation jsonl (model selection)
+    val_videos: Optional[str] = None  # default: videos
+    init_from: str = ""            # exported vip model (vip export / end of pretraining)
+    out: str = "runs/finetune"
+    epochs: int = 5
+    lr: float = 1e-6
+    weight_decay: float = 0.2
+    warmup_ratio: float = 0.1
+    global_batch: int = 128
+    batch_size: int = 16           # per rank (micro-batch)
+    num_frames: int = 12
+    context_length: int = 70
+    resize: str = "squash"
+    paragraph: bool = False        # DiDeMo: one paragraph per video
+    num_workers: int = 2
+    precision: str = "auto"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole program's config; every command uses the sections it needs."""
 
@@ -217,6 +244,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 # --------------------------------------------------------------------------- machinery
