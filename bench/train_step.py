@@ -67,10 +67,10 @@ def make_engine(arch: str, encoder: str, grad_ckpt: bool, args, device):
     from vip.ds_config import make_ds_config
     from vip.model import build_model
     from vip.optim import param_groups
-    from vip.train import _promote_scalar_params
+    from vip.ds_config import promote_scalar_params
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch=arch, video_encoder=encoder, max_frames=12, grad_checkpointing=grad_ckpt))
-    _promote_scalar_params(model)
+    promote_scalar_params(model)
     precision = {"bf16": "bf16", "fp16": "fp16"}.get(args.dtype, "fp32")
     ds = make_ds_config(TrainConfig(global_batch=args.batch, precision=precision, zero_stage=1), OptimConfig(),
                         DataConfig(batch_size=args.batch), world=1, device_type=device.type)

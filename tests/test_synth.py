@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import av
@@ -27,8 +28,7 @@ def test_deterministic_from_seed(tmp_path):
         assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
     for v in (tmp_path / "a" / "videos").iterdir():
         assert v.read_bytes() == (tmp_path / "b" / "videos" / v.name).read_bytes()
-    other = small_synth(tmp_path / "c").__class__(**{**small_synth(tmp_path / "c").__dict__, "seed": 2})
-    make_corpus(other)
+    make_corpus(dataclasses.replace(small_synth(tmp_path / "c"), seed=2))
     assert (tmp_path / "c" / "subtitles.jsonl").read_text() != (tmp_path / "a" / "subtitles.jsonl").read_text()
 
 

@@ -46,3 +46,21 @@ def make_ds_config(train: TrainConfig, optim: OptimConfig, data: DataConfig, wor
     elif precision != "fp32":
         raise ValueError(f"train.precision must be auto|bf16|fp16|fp32, got {precision!r}")
     return cfg
+
+
+def promote_scalar_params(model: torch.nn.Module) -> list[str]:
+    """DeepSpeed's parameter broadcast, ZeRO flattening and gradient clipping break on 0-dim
+    parameters (CLIP's logit_scale): hold them as [1] while training. Broadcasting keeps every
+    use the same; export squeezes them back (the saved names and shapes do not change)."""
+    promoted = []
+    for mod_name, mod in model.named_modules():
+        for name, p in list(mod.named_parameters(recurse=False)):
+            if p.ndim == 0:
+                setattr(mod, name, torch.nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad))
+                promoted.append(f"{mod_name}.{name}" if mod_name else name)
+    return promoted
+
+
+def scalar_state_dict(model: torch.nn.Module, promoted: list[str]) -> dict:
+    """The model's state dict with promoted parameters squeezed back to 0-dim."""
+    return {k: (v.reshape(()) if k in promoted else v) for k, v in model.state_dict().items()}

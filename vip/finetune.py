@@ -11,12 +11,10 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from shards.reader import normalise
@@ -67,7 +65,8 @@ def finetune(cfg: Config) -> int:
     from vip.model import build_model
     from vip.model.convert import export, load_weights_into, read_model_config
     from vip.optim import lr_lambda, param_groups
-    from vip.train import _promote_scalar_params, init_distributed, scalar_state_dict
+    from vip.ds_config import promote_scalar_params, scalar_state_dict
+    from vip.train import init_distributed
 
     fc = cfg.finetune
     rank, world, device = init_distributed()
@@ -94,7 +93,7 @@ def finetune(cfg: Config) -> int:
     train_cfg = TrainConfig(global_batch=fc.global_batch, precision=fc.precision, zero_stage=1)
     ds = make_ds_config(train_cfg, optim, dataclasses.replace(cfg.data, batch_size=fc.batch_size), world,
                         device.type)
-    promoted = _promote_scalar_params(model)
+    promoted = promote_scalar_params(model)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, optim), config=ds,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, total, optim)))
@@ -141,24 +140,10 @@ def finetune(cfg: Config) -> int:
 
 
 def main(argv=None) -> int:
-    import argparse
-    from vip.config import load_config
-    p = argparse.ArgumentParser(prog="vip finetune")
-    p.add_argument("--config", "-c", default="default")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    rc = finetune(load_config(args.config, args.overrides))
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    return rc
+    from vip.train import launcher_main
+    return launcher_main(finetune, "vip finetune", argv)
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    from vip.train import exit_now
+    exit_now(main())

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from vip.checkpoint import CheckpointManager
+from vip.ds_config import promote_scalar_params, scalar_state_dict
 from vip.config import Config, save_config
 from vip.metrics import MetricsLog, Throughput
 
@@ -76,24 +77,6 @@ def _same_batch_size(n: int, device) -> bool:
     return int(t[0]) == n and int(-t[1]) == n
 
 
-def _promote_scalar_params(model: torch.nn.Module) -> list[str]:
-    """DeepSpeed's parameter broadcast, ZeRO flattening and gradient clipping break on 0-dim
-    parameters (CLIP's logit_scale): hold them as [1] while training. Broadcasting keeps every
-    use the same; export squeezes them back (the saved names and shapes do not change)."""
-    promoted = []
-    for mod_name, mod in model.named_modules():
-        for name, p in list(mod.named_parameters(recurse=False)):
-            if p.ndim == 0:
-                setattr(mod, name, torch.nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad))
-                promoted.append(f"{mod_name}.{name}" if mod_name else name)
-    return promoted
-
-
-def scalar_state_dict(model: torch.nn.Module, promoted: list[str]) -> dict:
-    """The model's state dict with promoted parameters squeezed back to 0-dim."""
-    return {k: (v.reshape(()) if k in promoted else v) for k, v in model.state_dict().items()}
-
-
 # --------------------------------------------------------------------------- the step
 def compute_loss(model, batch: dict, variant: str, device, dtype) -> tuple[torch.Tensor, dict]:
     """Encode, gather across ranks (gradients flow back to the local slice), OCL loss."""
@@ -146,7 +129,7 @@ def _pretrain(cfg: Config, report: dict) -> int:
     if tc.init_from:
         from vip.model.convert import load_weights_into
         load_weights_into(model, tc.init_from)
-    promoted = _promote_scalar_params(model)
+    promoted = promote_scalar_params(model)
     ds_config = make_ds_config(tc, cfg.optim, cfg.data, world, device.type)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim), config=ds_config,
@@ -272,11 +255,12 @@ def _evaluate(model, cfg: Config, rank, world, device, dtype, metrics: MetricsLo
     return res
 
 
-def main(argv=None) -> int:
-    """Entry point for launchers: `python -m vip.train --config tiny k=v …` (DeepSpeed adds --local_rank)."""
+def launcher_main(run, prog: str, argv=None) -> int:
+    """Entry for `python -m …` under a launcher: `--config P k=v …` (DeepSpeed adds --local_rank),
+    rank-aware logging, `run(cfg)`, then a clean process-group shutdown."""
     import argparse
     from vip.config import load_config
-    p = argparse.ArgumentParser(prog="vip pretrain")
+    p = argparse.ArgumentParser(prog=prog)
     p.add_argument("--config", "-c", default="default")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*")
@@ -284,18 +268,25 @@ def main(argv=None) -> int:
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    rc = pretrain(load_config(args.config, args.overrides))
+    rc = run(load_config(args.config, args.overrides))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()   # a clean gloo shutdown: no teardown timeouts at exit
     return rc
 
 
-if __name__ == "__main__":
-    code = main()
+def exit_now(code: int) -> None:
+    """Flush and leave without the interpreter's final garbage collection: with torch, deepspeed
+    and transformers loaded it takes ~10 s per rank, and everything is already written and closed."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    # skip the interpreter's final garbage collection: with torch, deepspeed and transformers
-    # loaded it takes ~10 s per rank on exit, and everything is already written and closed
     os._exit(code)
+
+
+def main(argv=None) -> int:
+    return launcher_main(pretrain, "vip pretrain", argv)
+
+
+if __name__ == "__main__":
+    exit_now(main())
