@@ -4,7 +4,15 @@ The chain of small picklable stages, per DataLoader worker:
 
     plan (shards.plan)  →  fetch (tar offset index: json, mp4, jpg)  →  join caption sidecar
     →  sample frame indices  →  decode only those frames (resize in the same pass)
-    →  normalise  →  tokenize  →  collate
+    →  tokenize  →  collate (uint8 pixels, channels-last, stacked into shared memory)
+
+and one stage in the consuming process, on the device the model runs on:
+
+    →  normalise (uint8 [..., H, W, 3] → CLIP-normalised [..., 3, H, W] in the model's dtype)
+
+Workers hand over uint8 pixels: 4× fewer bytes through shared memory, pinning and the
+host→device copy than float32, and the per-pixel arithmetic (about 40% of a worker's CPU
+time when it ran there; docs/benchmarks.md) runs on the GPU instead of data-loading cores.
 
 Only mp4/jpg/json/txt members are ever read, and nothing is unpickled. Each
 batch carries the stream position after it; `StreamLoader.state_dict()` is the
@@ -18,6 +26,7 @@ import collections
 import io
 import json
 import logging
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -80,19 +89,41 @@ _SCALE = (1.0 / (255.0 * torch.tensor(CLIP_STD))).view(3, 1, 1)
 _SHIFT = (-torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD)).view(3, 1, 1)
 
 
-def normalise(frames: np.ndarray) -> torch.Tensor:
-    """uint8 [..., H, W, 3] → CLIP-normalised float [..., 3, H, W] (contiguous).
+def _empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor; inside a DataLoader worker it lives in shared memory, so handing it
+    to the main process copies nothing (torch's default path would copy it into shared memory)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
-    One copy into a channels-first float tensor, then scale and shift in place; inside a
-    DataLoader worker the output lives in shared memory, so handing the batch to the main
-    process does not copy it again (as torch's default_collate does)."""
+
+def stack_pixels(arrays: list[np.ndarray]) -> torch.Tensor:
+    """uint8 arrays [..., H, W, 3] of one shape → uint8 [n, ..., H, W, 3], stacked in one copy."""
+    out = _empty((len(arrays), *arrays[0].shape), torch.uint8)
+    np.stack(arrays, out=out.numpy())
+    return out
+
+
+def normalise_pixels(pixels: torch.Tensor, device: torch.device | str | None = None,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [..., H, W, 3] → CLIP-normalised [..., 3, H, W] (contiguous) in `dtype` on `device`.
+
+    The copy to the device comes first, so on a GPU the arithmetic runs there. Computed in
+    float32 and then cast: the same values as `normalise` on any device (bit-identical on CPU)."""
+    x = pixels.to(device if device is not None else pixels.device, non_blocking=True).movedim(-1, -3)
+    x = x.to(torch.float32, memory_format=torch.contiguous_format)
+    x.mul_(_SCALE.to(x.device)).add_(_SHIFT.to(x.device))
+    return x if dtype == torch.float32 else x.to(dtype)
+
+
+def normalise(frames: np.ndarray) -> torch.Tensor:
+    """uint8 [..., H, W, 3] → CLIP-normalised float [..., 3, H, W] (contiguous), on the CPU.
+
+    For per-sample paths (evaluation, fine-tuning, inference): one copy into a channels-first
+    float tensor (in shared memory inside a DataLoader worker), then scale and shift in place."""
     x = torch.from_numpy(np.ascontiguousarray(frames)).movedim(-1, -3)
-    shape = x.shape
-    if get_worker_info() is not None:
-        storage = torch.UntypedStorage._new_shared(x.numel() * 4)
-        out = torch.empty(0, dtype=torch.float32).set_(storage).view(shape)
-    else:
-        out = torch.empty(shape, dtype=torch.float32)
+    out = _empty(tuple(x.shape), torch.float32)
     out.copy_(x)
     return out.mul_(_SCALE).add_(_SHIFT)
 
@@ -121,7 +152,10 @@ class _OpenShard:
 
 
 class ClipStream(IterableDataset):
-    """Batches for one rank; DataLoader worker w yields batches w, w+W, … of the rank's stream."""
+    """Batches for one rank; DataLoader worker w yields batches w, w+W, … of the rank's stream.
+
+    Its batches carry raw pixels (`video` uint8 [B, T, H, W, 3], `frame` uint8 [B, H, W, 3]);
+    `StreamLoader` turns them into the model's input (DESIGN.md §3) where the model runs."""
 
     def __init__(self, cfg: DataConfig, shards: ShardSet, rank: int = 0, world: int = 1,
                  start: Position = Position()):
@@ -187,8 +221,8 @@ class ClipStream(IterableDataset):
         cap_tokens = self.tokenize([c if c is not None else "" for c in captions])
         cap_tokens[~has_caption] = 0  # no placeholder text: rows without a caption are all padding
         return {
-            "video": normalise(np.stack([s["frames"] for s in samples])),   # [B, T, 3, H, W]
-            "frame": normalise(np.stack([s["frame"] for s in samples])),    # [B, 3, H, W]
+            "video": stack_pixels([s["frames"] for s in samples]),          # [B, T, H, W, 3] uint8
+            "frame": stack_pixels([s["frame"] for s in samples]),           # [B, H, W, 3] uint8
             "subtitle": self.tokenize([s["subtitle"] for s in samples]),     # [B, L]
             "caption": cap_tokens,                                          # [B, L]
             "has_caption": has_caption,                                     # [B]
@@ -238,19 +272,32 @@ def _worker_init(_: int) -> None:
 class StreamLoader:
     """Iterates a rank's batches through a DataLoader; tracks and restores the stream position.
 
-    state_dict() → {"epoch", "offset", "batches", ...}: small, stored in checkpoints.
-    Also counts read-time problems by reason (`events`) and the time spent waiting.
+    Batches follow DESIGN.md §3 (`video` [B, T, 3, H, W] and `frame` [B, 3, H, W] CLIP-normalised)
+    on `device` (default: CPU) with pixels in `dtype`; workers send uint8 and the normalisation
+    runs on that device. state_dict() → {"epoch", "offset", "batches", ...}: small, stored in
+    checkpoints. Also counts read-time problems by reason (`events`) and the time spent waiting.
     """
 
     def __init__(self, cfg: DataConfig, rank: int = 0, world: int = 1, pin_memory: bool = False,
-                 shards: ShardSet | None = None):
+                 shards: ShardSet | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32):
         self.cfg, self.rank, self.world, self.pin_memory = cfg, rank, world, pin_memory
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype
         self.shards = shards or load_shardset(cfg.shards)
         self.position = Position()
         self.batches = 0
         self.events: collections.Counter = collections.Counter()
         self.wait_seconds = 0.0
         self._warned: collections.Counter = collections.Counter()
+
+    def to_model_input(self, batch: dict) -> dict:
+        """A worker batch (uint8 pixels) → DESIGN.md §3 tensors on this loader's device."""
+        out = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+               for k, v in batch.items()}
+        out["video"] = normalise_pixels(batch["video"], self.device, self.dtype)   # [B, T, 3, H, W]
+        out["frame"] = normalise_pixels(batch["frame"], self.device, self.dtype)   # [B, 3, H, W]
+        return out
 
     def dataset(self) -> ClipStream:
         return ClipStream(self.cfg, self.shards, self.rank, self.world, start=self.position)
@@ -278,7 +325,7 @@ class StreamLoader:
             self.batches += 1
             if not batch["key"]:
                 continue  # every sample of this batch was bad (counted above)
-            yield batch
+            yield self.to_model_input(batch)
 
     @property
     def epoch(self) -> int:

@@ -261,3 +261,26 @@ def test_normalise_matches_formula_and_workers_give_identical_batches(shard_dir)
         assert b0["key"] == b2["key"]
         for k in ("video", "frame", "subtitle", "caption", "has_caption"):
             assert torch.equal(b0[k], b2[k]), k
+
+
+def test_workers_send_uint8_pixels_and_the_loader_normalises_them_exactly(shard_dir):
+    """The worker stream carries raw uint8 channels-last pixels; the loader's batches are those
+    pixels CLIP-normalised (bit-identical to the per-sample `normalise`), in any requested dtype."""
+    from shards.reader import normalise, normalise_pixels
+    cfg = small_data(shard_dir, train=True, batch_size=3)
+    loader = StreamLoader(cfg)
+    raw = next(iter(loader.dataset()))                               # what a DataLoader worker yields
+    assert raw["video"].dtype == torch.uint8 and raw["video"].shape == (3, 4, 32, 32, 3)
+    assert raw["frame"].dtype == torch.uint8 and raw["frame"].shape == (3, 32, 32, 3)
+    got = next(iter(loader))
+    assert got["key"] == raw["key"]
+    assert torch.equal(got["video"], normalise(raw["video"].numpy()))
+    assert torch.equal(got["frame"], normalise(raw["frame"].numpy()))
+    assert got["video"].is_contiguous() and got["video"].shape == (3, 4, 3, 32, 32)
+    # another dtype: the float32 values, rounded once
+    bf = next(iter(StreamLoader(cfg, dtype=torch.bfloat16)))
+    assert bf["video"].dtype == torch.bfloat16 and torch.equal(bf["video"], got["video"].bfloat16())
+    assert torch.equal(bf["subtitle"], got["subtitle"])                 # token ids are untouched
+    # a channels-last source stays correct whatever its strides (e.g. a sliced batch)
+    x = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (4, 5, 6, 3), dtype=np.uint8))
+    assert torch.equal(normalise_pixels(x[::2]), normalise(x[::2].numpy()))

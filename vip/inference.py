@@ -181,7 +181,7 @@ def embed_shards(m: VideoTextModel, shards: str, batch_size: int = 16, num_worke
     data = DataConfig(shards=shards, num_frames=m.num_frames, image_size=m.image_size, resize=m.resize,
                       batch_size=batch_size, num_workers=num_workers, train=False)
     keys, feats = [], []
-    loader = StreamLoader(data)
+    loader = StreamLoader(data, device=m.device)   # pixels normalised on the model's device
     for b in loader:
         keys += list(b["key"])
         feats.append(m.encode_video(b["video"]).cpu())

@@ -134,7 +134,9 @@ def _pretrain(cfg: Config, report: dict) -> int:
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim), config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, tc.steps, cfg.optim)))
-    loader = StreamLoader(cfg.data, rank=rank, world=world, pin_memory=device.type == "cuda")
+    # batches arrive on the device, pixels normalised there in the compute dtype (workers send uint8)
+    loader = StreamLoader(cfg.data, rank=rank, world=world, pin_memory=device.type == "cuda", device=device,
+                          dtype=dtype)
     ckpt = CheckpointManager(out, tc.keep_last, rank, world)
     metrics = MetricsLog(out, enabled=rank == 0, tensorboard=tc.tensorboard)
     counters = {"nonfinite_skipped": 0, "short_batch_skipped": 0}

@@ -18,14 +18,14 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def encode_split(model, data: DataConfig, rank: int, world: int, device, dtype, max_clips: int):
     """(keys, video features [N, D], subtitle features [N, D]) of this rank's share of the eval shards."""
-    loader = StreamLoader(dataclasses.replace(data, train=False), rank=rank, world=world)
+    loader = StreamLoader(dataclasses.replace(data, train=False), rank=rank, world=world, device=device, dtype=dtype)
     keys, vids, txts = [], [], []
     limit = max(1, max_clips // world)
     was_training = model.training
     model.eval()
     for batch in loader:
-        v = model.encode_video(batch["video"].to(device, dtype))
-        t = model.encode_text(batch["subtitle"].to(device))
+        v = model.encode_video(batch["video"])
+        t = model.encode_text(batch["subtitle"])
         keys += batch["key"]
         vids.append(v.float().cpu())
         txts.append(t.float().cpu())
