@@ -4,6 +4,8 @@
     python bench/captioning.py --arch coca_ViT-B-32 --clips 96 --max-tokens 20
     python bench/captioning.py --device cuda --arch coca_ViT-L-14 --decoding beam --clips 4096 \\
         --batch-size 64 --chunk-size 256                   # a GPU node (random weights unless --model)
+    python bench/captioning.py --count-flops --arch coca_ViT-L-14 --decoding beam --max-tokens 30 \\
+        --clips 2 --json flops.json                        # FLOPs per caption (any device; no job)
 
 The images are middle-frame JPEGs in frame-only shards written by
 captioning.tiny.make_frame_shards (or --shards DIR). "Captioner alone" decodes
@@ -58,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--local-cpus", type=int, default=0, help="CPUs of the local Ray (0: all cores)")
     p.add_argument("--work-dir", default=None, help="keep model, shards and sidecars here (default: a temp dir, removed)")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--count-flops", action="store_true",
+                   help="only count the captioner's FLOPs per caption (FlopCounterMode; no timing, no job)")
     args = p.parse_args(argv)
     if args.quick:
         args.arch, args.clips, args.clips_per_shard, args.max_tokens = "tiny", 64, 16, 8
@@ -104,6 +108,28 @@ def captioner_alone(cfg: CaptionConfig, shards: Path, threads: int) -> dict:
             "provenance": dataclasses.asdict(cap.provenance)}
 
 
+def count_caption_flops(cfg: CaptionConfig, shards: Path, n: int) -> dict:
+    """Model FLOPs per caption (matmuls, convolutions, attention; 2 per multiply-add) of captioning n
+    middle frames with cfg's decoding. Random weights never stop early: every caption runs to
+    max_tokens (the worst case; real captions stop at their end token)."""
+    import numpy as np
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from shards.reader import load_shardset
+    cap = build_captioner(cfg)
+    ss = load_shardset(shards)
+    chunk = next(iter(plan_chunks(0, ss.names[0], str(shards / ss.names[0]), ss.counts[0], 10 ** 9)))
+    meta, images = load_chunk(chunk, cap.input_spec.size, cap.input_spec.resize)
+    images = np.asarray(images[:n])
+    with FlopCounterMode(display=False) as fc:
+        captions = cap.caption(images, meta["ok"][:n])
+    gen = dataclasses.asdict(cap.provenance)["generation"]
+    return {"model": cfg.model, "decoding": gen["decoding"], "max_tokens": cfg.max_tokens,
+            "num_beams": cfg.num_beams if gen["decoding"] == "beam" else 1, "images": len(images),
+            "gflops_per_caption": fc.get_total_flops() / len(images) / 1e9,
+            "caption_tokens": [len(c.split()) for c in captions], "generation": gen}
+
+
 def say(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
@@ -133,6 +159,15 @@ def main(argv=None) -> int:
         n_shards = -(-args.clips // args.clips_per_shard)
         make_frame_shards(shards, n_shards, args.clips_per_shard, size=args.frame_size)
     cfg = caption_config(args, shards, work / f"captions_{int(time.time())}", model)
+    if args.count_flops:
+        res = count_caption_flops(cfg, shards, args.clips)
+        print(f"{args.arch if not args.model else args.model}: {res['gflops_per_caption']:.1f} GFLOP per caption "
+              f"({res['decoding']}, {res['num_beams']} beam(s), {args.max_tokens} tokens, {res['images']} images)")
+        if args.json:
+            Path(args.json).write_text(json.dumps({**res, "arch": args.arch}, indent=2))
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+        return 0
     say(f"model and shards ready after {time.perf_counter() - t_all:.1f} s; timing the captioner alone")
     alone = captioner_alone(cfg, shards, threads=max(1, int(args.actor_cpus)))
     say(f"captioner alone: {alone['captions_per_s']:.2f} captions/s; running the job")

@@ -1,19 +1,23 @@
 """One CLIP-ViP training step through the DeepSpeed engine, on synthetic in-memory batches.
 
     python bench/train_step.py --quick                                  # CI: tiny model, CPU (< 60 s)
-    python bench/train_step.py --arch ViT-B-32 --batch 2 --image-size 224 --frames 12    # CPU, slow
-    python bench/train_step.py --device cuda --dtype bf16 --arch ViT-B-32 --batch 64     # a GPU
+    OMP_NUM_THREADS=2 python bench/train_step.py --arch ViT-B-32,ViT-B-16 --batch 2   # CPU, slow
+    python bench/train_step.py --device cuda --dtype bf16 --arch ViT-B-32,ViT-B-16 --batch auto  # a GPU
 
-Step = forward (video, middle frame, subtitle, caption) + OCL loss (variant d) + backward +
-AdamW step, in a DeepSpeed engine (world 1, ZeRO 1). Rows: the ViP model and the stock
-frame-wise MeanPool model as the reference point, each with and without gradient
-checkpointing. Reported: step time (median), clips/s, model FLOPs per clip, MFU against
-this device's measured matmul peak in the same dtype, and peak memory.
+Step = the trainer's step: uint8 pixels (pinned on a GPU run) → device → CLIP normalisation in
+the compute dtype (`shards.reader.normalise_pixels`, as `StreamLoader` does) → forward (video,
+middle frame, subtitle, caption) → OCL loss (variant d) → backward → AdamW step, in a DeepSpeed
+engine (world 1, ZeRO 1). Rows: for each arch, the ViP model and the stock frame-wise MeanPool
+model as the reference point, each with and without gradient checkpointing. Reported: micro-batch,
+step time (median), clips/s, model FLOPs per clip, MFU against this device's measured matmul peak
+in the same dtype, and peak memory.
 
-FLOPs are counted, not estimated: torch.utils.flop_counter.FlopCounterMode over one
-forward + backward (matmuls, convolutions and attention, 2 FLOPs per multiply-add);
-the optimizer step and elementwise ops are not counted, as usual for MFU. Peak: the
-best of a few large square matmuls in the step's dtype on the same device.
+FLOPs are counted, not estimated: torch.utils.flop_counter.FlopCounterMode over one forward +
+backward (matmuls, convolutions and attention, 2 FLOPs per multiply-add); the optimizer step and
+elementwise ops are not counted, as usual for MFU; recomputation under gradient checkpointing is
+not counted (model FLOPs). Peak: the best of a few large square matmuls in the step's dtype on the
+same device. `--batch auto` (GPU): the largest micro-batch (a multiple of 8) whose step fits in
+memory, found by doubling and then bisecting, per row.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from bench.model import PeakMemory  # noqa: E402
 
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int, repeat: int = 5) -> float:
-    """Measured FLOP/s of an n×n×n matmul (best of `repeat`)."""
+    """Measured FLOP/s of an n×n×n matmul on random data (best of `repeat`)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best = 0.0
@@ -50,98 +54,152 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def synthetic_batch(B: int, T: int, size: int, L: int, device, dtype) -> dict:
+def synthetic_batch(B: int, T: int, size: int, L: int, device) -> dict:
+    """A reader batch as workers hand it over: uint8 channels-last pixels (pinned for a GPU) + tokens."""
     g = torch.Generator().manual_seed(0)
     tok = torch.randint(1, 49000, (2, B, L), generator=g)
     tok[:, :, -1] = 49407                                          # an end-of-text token per row
-    return {"video": torch.randn(B, T, 3, size, size, generator=g).to(device, dtype),   # [B, T, 3, H, W]
-            "frame": torch.randn(B, 3, size, size, generator=g).to(device, dtype),      # [B, 3, H, W]
-            "subtitle": tok[0].to(device), "caption": tok[1].to(device),                # [B, L]
-            "has_caption": torch.ones(B, dtype=torch.bool, device=device)}
+    pin = device.type == "cuda"
+    video = torch.randint(0, 256, (B, T, size, size, 3), generator=g, dtype=torch.uint8)   # [B, T, H, W, 3]
+    frame = torch.randint(0, 256, (B, size, size, 3), generator=g, dtype=torch.uint8)      # [B, H, W, 3]
+    return {"video": video.pin_memory() if pin else video, "frame": frame.pin_memory() if pin else frame,
+            "subtitle": tok[0], "caption": tok[1],                                         # [B, L]
+            "has_caption": torch.ones(B, dtype=torch.bool)}
 
 
-def make_engine(arch: str, encoder: str, grad_ckpt: bool, args, device):
+def make_engine(arch: str, encoder: str, grad_ckpt: bool, batch: int, args, device):
     import deepspeed
 
     from vip.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
-    from vip.ds_config import make_ds_config
+    from vip.ds_config import make_ds_config, promote_scalar_params
     from vip.model import build_model
     from vip.optim import param_groups
-    from vip.ds_config import promote_scalar_params
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch=arch, video_encoder=encoder, max_frames=12, grad_checkpointing=grad_ckpt))
     promote_scalar_params(model)
     precision = {"bf16": "bf16", "fp16": "fp16"}.get(args.dtype, "fp32")
-    ds = make_ds_config(TrainConfig(global_batch=args.batch, precision=precision, zero_stage=1), OptimConfig(),
-                        DataConfig(batch_size=args.batch), world=1, device_type=device.type)
+    ds = make_ds_config(TrainConfig(global_batch=batch, precision=precision, zero_stage=1), OptimConfig(),
+                        DataConfig(batch_size=batch), world=1, device_type=device.type)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, OptimConfig()), config=ds)
     return engine
 
 
-def step(engine, batch) -> torch.Tensor:
+def model_inputs(batch: dict, device, dtype) -> dict:
+    """What StreamLoader.to_model_input does: to the device, pixels normalised there."""
+    from shards.reader import normalise_pixels
+    return {"video": normalise_pixels(batch["video"], device, dtype), "frame": normalise_pixels(batch["frame"], device, dtype),
+            **{k: batch[k].to(device, non_blocking=True) for k in ("subtitle", "caption", "has_caption")}}
+
+
+def loss_of(module, x: dict) -> torch.Tensor:
     from vip.losses import ocl_loss
-    out = engine(video=batch["video"], frame=batch["frame"], subtitle=batch["subtitle"], caption=batch["caption"])
+    out = module(video=x["video"], frame=x["frame"], subtitle=x["subtitle"], caption=x["caption"])
     loss, _ = ocl_loss("d", video=out["video"], frame=out["frame"], subtitle=out["subtitle"],
-                       caption=out["caption"], has_caption=batch["has_caption"], logit_scale=out["logit_scale"])
+                       caption=out["caption"], has_caption=x["has_caption"], logit_scale=out["logit_scale"])
+    return loss
+
+
+def step(engine, batch, device, dtype) -> torch.Tensor:
+    loss = loss_of(engine, model_inputs(batch, device, dtype))
     engine.backward(loss)
     with torch.no_grad():
         engine.step()
     return loss
 
 
-def count_flops(engine, batch, grad_ckpt: bool) -> int:
+def count_flops(engine, batch, grad_ckpt: bool, device, dtype) -> int:
     from torch.utils.flop_counter import FlopCounterMode
-    from vip.losses import ocl_loss
     engine.module.set_grad_checkpointing(False)   # model FLOPs: recomputation is not counted
     with FlopCounterMode(display=False) as fc:
-        out = engine.module(video=batch["video"], frame=batch["frame"], subtitle=batch["subtitle"],
-                            caption=batch["caption"])
-        loss, _ = ocl_loss("d", video=out["video"], frame=out["frame"], subtitle=out["subtitle"],
-                           caption=out["caption"], has_caption=batch["has_caption"], logit_scale=out["logit_scale"])
-        loss.backward()
+        loss_of(engine.module, model_inputs(batch, device, dtype)).backward()
     engine.module.zero_grad(set_to_none=True)
     engine.module.set_grad_checkpointing(grad_ckpt)
     return fc.get_total_flops()
 
 
-def bench_row(encoder: str, grad_ckpt: bool, args, device, dtype, peak: float) -> dict:
-    engine = make_engine(args.arch, encoder, grad_ckpt, args, device)
-    batch = synthetic_batch(args.batch, args.frames, args.image_size, args.context, device, dtype)
-    flops = count_flops(engine, batch, grad_ckpt)
+def fits(arch, encoder, grad_ckpt, B, args, device, dtype) -> bool:
+    """One full step at micro-batch B without running out of GPU memory."""
+    engine = None
+    try:
+        engine = make_engine(arch, encoder, grad_ckpt, B, args, device)
+        step(engine, synthetic_batch(B, args.frames, args.image_size, args.context, device), device, dtype)
+        _sync(device)
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        del engine
+        import gc
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def largest_batch(arch, encoder, grad_ckpt, args, device, dtype, cap: int = 4096) -> int:
+    """Largest multiple of 8 that fits: double from 8, then bisect between the last fit and the first miss."""
+    lo, hi = 0, 8
+    while hi <= cap and fits(arch, encoder, grad_ckpt, hi, args, device, dtype):
+        lo, hi = hi, hi * 2
+    if lo == 0:
+        raise RuntimeError(f"{arch} {encoder}: not even a micro-batch of 8 fits")
+    while hi - lo > 8:
+        mid = (lo + hi) // 16 * 8
+        lo, hi = (mid, hi) if fits(arch, encoder, grad_ckpt, mid, args, device, dtype) else (lo, mid)
+    return lo
+
+
+def bench_row(arch: str, encoder: str, grad_ckpt: bool, args, device, dtype, peak: float) -> dict:
+    if args.batch == "auto":
+        if device.type != "cuda":
+            raise SystemExit("--batch auto needs a GPU (it searches the memory limit)")
+        B = largest_batch(arch, encoder, grad_ckpt, args, device, dtype)
+    else:
+        B = int(args.batch)
+    engine = make_engine(arch, encoder, grad_ckpt, B, args, device)
+    batch = synthetic_batch(B, args.frames, args.image_size, args.context, device)
+    flops = count_flops(engine, batch, grad_ckpt, device, dtype)
     for _ in range(args.warmup):
-        step(engine, batch)
+        step(engine, batch, device, dtype)
     times = []
     with PeakMemory(device) as mem:
         for _ in range(args.steps):
             _sync(device)
             t0 = time.perf_counter()
-            step(engine, batch)
+            step(engine, batch, device, dtype)
             _sync(device)
             times.append(time.perf_counter() - t0)
     t = sorted(times)[len(times) // 2]
-    return {"encoder": encoder, "grad_ckpt": grad_ckpt, "step_s": t, "clips_per_s": args.batch / t,
-            "gflops_per_clip": flops / args.batch / 1e9, "mfu": flops / t / peak, "peak_mib": mem.peak_mib}
+    row = {"arch": arch, "encoder": encoder, "grad_ckpt": grad_ckpt, "batch": B, "step_s": t,
+           "clips_per_s": B / t, "gflops_per_clip": flops / B / 1e9, "mfu": flops / t / peak,
+           "peak_mib": mem.peak_mib}
+    if device.type == "cuda":
+        row["peak_total_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20   # weights + optimizer included
+    del engine
+    return row
 
 
-def table(rows, args, device, dtype, peak) -> str:
-    head = (f"{args.arch}, B={args.batch}, T={args.frames}, {args.image_size}², {device.type} {args.dtype}, "
+def table(rows, args, device, peak) -> str:
+    head = (f"T={args.frames}, {args.image_size}², {device.type} {args.dtype}"
+            f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
             f"measured matmul peak {peak / 1e12:.3f} TFLOP/s")
-    lines = [head, "", "| encoder | grad ckpt | step s | clips/s | GFLOP/clip | MFU | peak MiB | clips/s vs MeanPool |",
-             "|---|---|---|---|---|---|---|---|"]
-    ref = {r["grad_ckpt"]: r["clips_per_s"] for r in rows if r["encoder"] == "meanpool"}
+    lines = [head, "", "| arch | encoder | grad ckpt | micro-batch | step s | clips/s | GFLOP/clip | MFU | peak MiB "
+             "| clips/s vs MeanPool |", "|---|---|---|---|---|---|---|---|---|---|"]
+    ref = {(r["arch"], r["grad_ckpt"]): r["clips_per_s"] for r in rows if r["encoder"] == "meanpool"}
     for r in rows:
-        ratio = r["clips_per_s"] / ref[r["grad_ckpt"]] if r["grad_ckpt"] in ref else float("nan")
-        lines.append(f"| {r['encoder']} | {'on' if r['grad_ckpt'] else 'off'} | {r['step_s']:.3f} | "
-                     f"{r['clips_per_s']:.2f} | {r['gflops_per_clip']:.2f} | {100 * r['mfu']:.1f}% | "
-                     f"{r['peak_mib']:.0f} | {ratio:.2f} |")
+        key = (r["arch"], r["grad_ckpt"])
+        ratio = r["clips_per_s"] / ref[key] if key in ref else float("nan")
+        lines.append(f"| {r['arch']} | {r['encoder']} | {'on' if r['grad_ckpt'] else 'off'} | {r['batch']} | "
+                     f"{r['step_s']:.3f} | {r['clips_per_s']:.2f} | {r['gflops_per_clip']:.2f} | "
+                     f"{100 * r['mfu']:.1f}% | {r['peak_mib']:.0f} | {ratio:.2f} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny model at 64², CPU, few steps (CI)")
-    p.add_argument("--arch", default="ViT-B-32")
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--arch", default="ViT-B-32", help="comma-separated open_clip archs")
+    p.add_argument("--encoders", default="vip,meanpool")
+    p.add_argument("--grad-ckpt", default="off,on", help="off, on or off,on")
+    p.add_argument("--batch", default="2", help="micro-batch, or auto (GPU: largest that fits)")
     p.add_argument("--frames", type=int, default=12)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--context", type=int, default=70)
@@ -152,12 +210,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.quick:
-        args.arch, args.batch, args.image_size, args.frames, args.steps, args.warmup = "vip-tiny", 4, 64, 4, 3, 1
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29651")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
+        args.arch, args.batch, args.image_size, args.frames, args.steps, args.warmup = "vip-tiny", "4", 64, 4, 3, 1
+    for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29651"), ("RANK", "0"), ("LOCAL_RANK", "0"),
+                 ("WORLD_SIZE", "1")):
+        os.environ.setdefault(k, v)
     device = torch.device(args.device)
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -165,10 +221,20 @@ def main(argv=None) -> int:
     import deepspeed
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     peak = matmul_peak_flops(device, dtype, 8192 if device.type == "cuda" else 1024)
-    rows = [bench_row(enc, ck, args, device, dtype, peak) for enc in ("vip", "meanpool") for ck in (False, True)]
-    print(table(rows, args, device, dtype, peak))
+    ckpts = [{"off": False, "on": True}[c.strip()] for c in args.grad_ckpt.split(",")]
+    rows = []
+    for arch in args.arch.split(","):
+        for enc in args.encoders.split(","):
+            for ck in ckpts:
+                rows.append(bench_row(arch.strip(), enc.strip(), ck, args, device, dtype, peak))
+                print(f"  {rows[-1]['arch']} {enc} ckpt={ck}: B={rows[-1]['batch']} {rows[-1]['step_s']:.3f} s/step",
+                      file=sys.stderr, flush=True)
+    print(table(rows, args, device, peak))
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "peak_flops": peak, "rows": rows}, indent=2))
+        info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                "torch": torch.__version__, "threads": torch.get_num_threads()}
+        Path(args.json).write_text(json.dumps({"args": vars(args), "peak_flops": peak, "info": info, "rows": rows},
+                                              indent=2))
     return 0
 
 

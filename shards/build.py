@@ -64,7 +64,7 @@ def _sample_json(rec: ClipRecord, clip, fmt: StoredFormat) -> dict:
         "subtitle": rec.subtitle, "fps": clip.fps, "num_frames": clip.num_frames,
         "width": clip.width, "height": clip.height, "duration": round(clip.duration, 4),
         "truncated": clip.truncated, "codec": "h264", "keyframe_interval": fmt.keyframe_interval,
-        "format": dataclasses.asdict(fmt),
+        "aspect": fmt.aspect, "format": dataclasses.asdict(fmt),
     }
 
 

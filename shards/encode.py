@@ -40,13 +40,25 @@ class StoredFormat:
     frame_short_side: int = 256
     max_clip_seconds: float = 60.0
     fast_decode: bool = True
+    aspect: str = "square"           # square | keep (see ShardBuildConfig.aspect)
+
+    def __post_init__(self):
+        if self.aspect not in ("keep", "square"):
+            raise ValueError(f"build.aspect must be keep or square, got {self.aspect!r}")
+
+    def clip_size(self, width: int, height: int) -> tuple[int, int]:
+        """Stored (width, height) of a clip cut from a width×height source."""
+        if self.aspect == "square":
+            side = max(2, self.short_side // 2 * 2)
+            return side, side
+        return scaled_size(width, height, self.short_side)
 
     @classmethod
     def from_config(cls, cfg: ShardBuildConfig) -> "StoredFormat":
         return cls(fps=cfg.fps, short_side=cfg.short_side, keyframe_interval=cfg.keyframe_interval,
                    crf=cfg.crf, preset=cfg.preset, jpeg_quality=cfg.jpeg_quality,
                    frame_short_side=cfg.frame_short_side, max_clip_seconds=cfg.max_clip_seconds,
-                   fast_decode=cfg.fast_decode)
+                   fast_decode=cfg.fast_decode, aspect=cfg.aspect)
 
 
 @dataclass
@@ -174,7 +186,7 @@ def cut_clip(src: SourceVideo, start: float, end: float, fmt: StoredFormat) -> E
     truncated = j < n_target
     chosen = chosen[:j]
 
-    w, h = scaled_size(src.width, src.height, fmt.short_side)
+    w, h = fmt.clip_size(src.width, src.height)
     rate = Fraction(out_fps).limit_denominator(1001)
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as out:

@@ -195,6 +195,9 @@ class ClipStream(IterableDataset):
             jpg = shard.reader.read(key, "jpg")
         except (KeyError, EOFError, UnicodeDecodeError, json.JSONDecodeError, OSError) as e:
             raise SampleError("corrupt_member", f"{key}: {e}") from None
+        if cfg.resize == "crop" and meta.get("aspect") == "square":
+            raise ValueError(f"{key}: clips stored square (build.aspect=square) were already squashed; "
+                             "data.resize=crop would crop a distorted image: use data.resize=squash")
         rng = np.random.default_rng([cfg.seed, epoch, 7, sid, idx])
         n = int(meta.get("num_frames") or 0)
         if n <= 0:

@@ -14,9 +14,11 @@ covers. Deterministic from the seed. Writes, under `out`:
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,16 +82,20 @@ class ClipPlan:
     direction: str
     background: tuple
     template: int
+    texture: int = -1              # -1: flat background; else the seed of a natural-texture background
 
 
 def truth_plan(truth: dict) -> ClipPlan:
     """The renderer's plan of a clip from its truth.jsonl line (to re-render any frame)."""
     return ClipPlan(clip_id=truth["clip_id"], start=truth["span_s"][0], end=truth["span_s"][1],
                     colour=truth["colour"], shape=truth["shape"], direction=truth["direction"],
-                    background=tuple(truth["background"]), template=truth["template"])
+                    background=tuple(truth["background"]), template=truth["template"],
+                    texture=int(truth.get("texture", -1)))
 
 
 def plan_video(rng: np.random.Generator, video_id: str, cfg: SynthConfig) -> list[ClipPlan]:
+    if cfg.texture not in ("flat", "natural"):
+        raise ValueError(f"synth.texture must be flat or natural, got {cfg.texture!r}")
     clips, t = [], cfg.gap_seconds
     for k in range(cfg.clips_per_video):
         colour = str(rng.choice(list(COLOURS)))
@@ -98,8 +104,60 @@ def plan_video(rng: np.random.Generator, video_id: str, cfg: SynthConfig) -> lis
             clip_id=f"{video_id}.{k}.mp4", start=t, end=t + cfg.clip_seconds, colour=colour,
             shape=str(rng.choice(SHAPES)), direction=str(rng.choice(list(DIRECTIONS))),
             background=bg, template=int(rng.integers(len(TEMPLATES)))))
+        if cfg.texture == "natural":   # drawn after the flat plan's draws: flat corpora stay unchanged
+            clips[-1] = dataclasses.replace(clips[-1], texture=int(rng.integers(2 ** 31)))
         t += cfg.clip_seconds + cfg.gap_seconds
     return clips
+
+
+PAN_PIXELS_PER_SECOND = 24.0       # camera pan of natural-texture clips (at the source resolution)
+GRAIN_FRAMES = 8                   # grain patterns cycled over frames
+
+
+# Natural-texture calibration (bench/data.py): amplitude ∝ 1/f^1.3, luma contrast 30, weak chroma,
+# grain σ 1.5 give ~2.1 bits/pixel for the middle frame as JPEG q90 at 455×256 (camera frames and web
+# video: roughly 1.5-3) and ~260 kbit/s at 398×224, 4 fps, GOP 4. 1/f^1.0 with contrast 38 gave 3.7
+# bits/pixel: more detail than typical footage.
+TEXTURE_SLOPE, TEXTURE_CONTRAST, TEXTURE_CHROMA, GRAIN_SIGMA = 1.3, 30.0, 0.2, 1.5
+
+
+@functools.lru_cache(maxsize=2)
+def natural_texture(seed: int, height: int, width: int) -> np.ndarray:
+    """uint8 [height, width, 3]: coloured noise with a power-law amplitude spectrum (∝ 1/f^1.3, as
+    natural images' ~1/f^1-1.5), luminance-dominated, mean 128."""
+    rng = np.random.default_rng(seed)
+    fy = np.fft.fftfreq(height)[:, None]
+    fx = np.fft.rfftfreq(width)[None, :]
+    amp = 1.0 / np.maximum(np.hypot(fx, fy), 1.0 / max(height, width)) ** TEXTURE_SLOPE   # [h, w//2+1]
+
+    def field() -> np.ndarray:
+        spec = (rng.standard_normal(amp.shape) + 1j * rng.standard_normal(amp.shape)) * amp
+        x = np.fft.irfft2(spec, s=(height, width))
+        return (x - x.mean()) / (x.std() + 1e-9)                          # [h, w], unit variance
+
+    luma, c1, c2 = field(), field(), field()
+    k = TEXTURE_CHROMA
+    rgb = np.stack([luma + k * c1, luma - 0.6 * k * c1 + 0.6 * k * c2, luma - k * c2], axis=-1)
+    return np.clip(128 + TEXTURE_CONTRAST * rgb, 0, 255).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=2)
+def _grain(height: int, width: int) -> np.ndarray:
+    """int8 [GRAIN_FRAMES, height, width, 1]: sensor-like noise (σ = GRAIN_SIGMA levels), one pattern per frame."""
+    rng = np.random.default_rng(12345)
+    return np.clip(rng.normal(0, GRAIN_SIGMA, (GRAIN_FRAMES, height, width, 1)), -127, 127).astype(np.int8)
+
+
+def _natural_background(plan: ClipPlan, t: float, width: int, height: int) -> np.ndarray:
+    """The clip's texture seen through a camera panning diagonally at PAN_PIXELS_PER_SECOND, tinted
+    towards the clip's background colour, plus per-frame grain."""
+    dt = max(plan.end - plan.start, 1e-6)
+    margin = int(np.ceil(PAN_PIXELS_PER_SECOND * dt)) + 1
+    tex = natural_texture(plan.texture, height + margin, width + margin)
+    off = int(PAN_PIXELS_PER_SECOND * min(max(t - plan.start, 0.0), dt))
+    view = tex[off:off + height, off:off + width].astype(np.int16)
+    view += (np.asarray(plan.background, np.int16) - 45) + _grain(height, width)[int(round(t * 30)) % GRAIN_FRAMES]
+    return np.clip(view, 0, 255).astype(np.uint8)
 
 
 def render_frame(plan: ClipPlan | None, t: float, width: int, height: int,
@@ -109,10 +167,13 @@ def render_frame(plan: ClipPlan | None, t: float, width: int, height: int,
         frame = np.empty((height, width, 3), np.uint8)
         frame[:] = gap_bg
         return frame
-    frame = np.empty((height, width, 3), np.uint8)
-    frame[:] = plan.background
-    # faint static texture so the codec has something to do besides flat colour
-    frame[::8, :, :] //= 2
+    if plan.texture >= 0:
+        frame = _natural_background(plan, t, width, height)
+    else:
+        frame = np.empty((height, width, 3), np.uint8)
+        frame[:] = plan.background
+        # faint static texture so the codec has something to do besides flat colour
+        frame[::8, :, :] //= 2
     size = max(8, min(width, height) // 4)
     mask = _shape_mask(plan.shape, size)
     u = (t - plan.start) / max(plan.end - plan.start, 1e-6)  # 0 → 1 over the clip
@@ -173,6 +234,7 @@ def make_corpus(cfg: SynthConfig) -> dict:
             truth_lines.append({"clip_id": c.clip_id, "colour": c.colour, "shape": c.shape,
                                 "direction": c.direction, "span_s": [c.start, c.end],
                                 "background": list(c.background), "template": c.template,
+                                "texture": c.texture,
                                 "caption": describe(c.colour, c.shape, c.direction, 0)})
     for name, lines in (("metadata.jsonl", meta_lines), ("subtitles.jsonl", sub_lines), ("truth.jsonl", truth_lines)):
         (out / name).write_text("".join(json.dumps(x) + "\n" for x in lines))

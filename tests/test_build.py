@@ -128,3 +128,41 @@ def test_source_keyframes_do_not_leak_into_stored_gop(tmp_path):
     with av.open(io.BytesIO(clip.mp4)) as c:
         keys = [i for i, f in enumerate(c.decode(video=0)) if f.key_frame]
     assert clip.num_frames == 36 and keys == [0, 8, 16, 24, 32]
+
+
+def test_square_and_keep_storage_give_the_same_training_pixels(corpus, shard_dir, tmp_path):
+    """build.aspect=square (the default) stores the reader's squash resize: clips are short_side² (fewer
+    pixels to decode), the middle JPEG keeps its aspect, a squash read matches keep-aspect shards' up
+    to codec noise, and a crop read fails with a clear error rather than cropping distorted frames;
+    keep-aspect shards read with crop."""
+    import dataclasses
+
+    import torch
+
+    from shards.reader import StreamLoader
+    from tests.conftest import small_data
+    out, keep_dir = shard_dir, tmp_path / "keep"                                  # shard_dir: the default
+    summary = build_shards(small_build(corpus, keep_dir, aspect="keep"))
+    assert summary.clips_written == 12
+    kmeta = next(json.loads(v) for k, v in _members(keep_dir / "shard-000000.tar").items() if k.endswith(".json"))
+    assert (kmeta["width"], kmeta["height"], kmeta["aspect"]) == (114, 64, "keep")
+    members = _members(out / "shard-000000.tar")
+    meta = next(json.loads(v) for k, v in members.items() if k.endswith(".json"))
+    assert (meta["width"], meta["height"], meta["aspect"]) == (64, 64, "square")
+    with av.open(io.BytesIO(members[meta["key"] + ".mp4"])) as c:
+        assert (c.streams.video[0].codec_context.width, c.streams.video[0].codec_context.height) == (64, 64)
+    from PIL import Image
+    assert Image.open(io.BytesIO(members[meta["key"] + ".jpg"])).size[0] > 64     # JPEG keeps the aspect
+    cfg = small_data(out, train=False, batch_size=12, image_size=32)
+    sq = next(iter(StreamLoader(cfg)))
+    keep = next(iter(StreamLoader(dataclasses.replace(cfg, shards=str(keep_dir)))))
+    assert sq["key"] == keep["key"] and sq["video"].shape == keep["video"].shape
+    diff = (sq["video"] - keep["video"]).abs().mean().item()                      # normalised units
+    assert diff < 0.03, diff                                                      # measured 0.011 (~1 of 255 levels)
+    assert not torch.equal(sq["video"], keep["video"])                            # really another decode
+    with pytest.raises(Exception, match="resize=crop"):
+        next(iter(StreamLoader(dataclasses.replace(cfg, resize="crop"))))
+    crop = next(iter(StreamLoader(dataclasses.replace(cfg, shards=str(keep_dir), resize="crop"))))
+    assert crop["video"].shape == keep["video"].shape
+    with pytest.raises(ValueError, match="aspect"):
+        build_shards(small_build(corpus, tmp_path / "bad", aspect="wide"))

@@ -37,6 +37,8 @@ class SynthConfig:
     seed: int = 0
     crf: int = 23                  # x264 quality of the source videos
     preset: str = "ultrafast"      # x264 speed preset of the source videos
+    texture: str = "flat"          # flat: plain background | natural: panning 1/f-noise background with
+    #                                grain (decodes and compresses like camera footage; benchmarks)
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,9 @@ class ShardBuildConfig:
     jpeg_quality: int = 90
     frame_short_side: int = 256    # stored middle-frame JPEG (captioner input)
     fast_decode: bool = True       # x264 --tune fastdecode (no CABAC/deblock: faster reads, ~16% bigger files)
+    aspect: str = "square"         # square: short_side² (the reader's default squash done once at build
+    #                                time: 1.6x fewer reader cores, 38% less storage on textured 16:9 video,
+    #                                docs/benchmarks.md; not readable with data.resize=crop) | keep: aspect kept
     max_clip_seconds: float = 60.0  # longer spans are cut to this
     workers: int = 2               # local processes (ignored with ray_address)
     ray_address: Optional[str] = None  # "auto", "ray://…" or "local" to use Ray
