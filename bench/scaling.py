@@ -164,18 +164,27 @@ def node_rows(arch: str, a: dict, cl: Cluster, storage: dict, nodes=(1, 2, 4, 8,
     return rows
 
 
-def caption_plan(caption: list[dict], cl: Cluster) -> dict | None:
-    if not caption:
-        return None
-    c = caption[0]
-    if "gflops_per_caption" not in c:
-        return None
-    measured = c.get("gpu_captions_per_s")
-    rate = measured or cl.peak_tflops * 1e12 * cl.caption_mfu / (c["gflops_per_caption"] * 1e9)
-    return {**{k: c[k] for k in ("model", "decoding", "max_tokens", "gflops_per_caption") if k in c},
-            "captions_per_s": rate, "source": "measured" if measured else
-            f"estimate: {cl.peak_tflops:.0f} TFLOP/s × {cl.caption_mfu:.2f} / counted FLOPs",
-            "gpu_hours": HDVILA_CLIPS / rate / 3600}
+def caption_plan(caption: list[dict], cl: Cluster) -> list[dict]:
+    """One row per --caption JSON: captions/s per GPU (measured if the JSON has it, else estimated)."""
+    rows = []
+    for c in caption:
+        if "job" in c:          # a timed captioning.py run: measured when it ran on a GPU (one actor per GPU)
+            a = c["args"]
+            if not str(a.get("device", "cpu")).startswith("cuda"):
+                continue
+            rate = c["job"]["steady_captions_per_s"] / max(1, c["job"]["actors"])
+            rows.append({"model": a.get("model") or a.get("arch"), "decoding": a["decoding"], "num_beams": 0,
+                         "max_tokens": a["max_tokens"], "gflops_per_caption": float("nan"),
+                         "captions_per_s": rate, "source": "measured (job after startup, per GPU)",
+                         "gpu_hours": HDVILA_CLIPS / rate / 3600})
+            continue
+        rate = cl.peak_tflops * 1e12 * cl.caption_mfu / (c["gflops_per_caption"] * 1e9)
+        rows.append({"model": c.get("arch") or c.get("model"), "decoding": c["decoding"],
+                     "num_beams": c.get("num_beams", 1), "max_tokens": c["max_tokens"],
+                     "gflops_per_caption": c["gflops_per_caption"], "captions_per_s": rate,
+                     "source": f"estimate: {cl.peak_tflops:.0f} TFLOP/s × {cl.caption_mfu:.2f} / counted FLOPs",
+                     "gpu_hours": HDVILA_CLIPS / rate / 3600})
+    return rows
 
 
 # --------------------------------------------------------------------------- report
@@ -210,14 +219,13 @@ def report(plan: dict) -> str:
                          f"{r['grad_comm_ms']:.1f}", f"{r['feature_comm_ms']:.2f}", f"{r['loss_ms']:.2f}",
                          f"{r['step_ms']:.1f}", f"{100 * r['comm_share']:.0f}%", f"{r['epoch_hours']:.1f}",
                          f"{r['gpu_hours']:.0f}", f"{r['read_gb_s']:.1f}"] for r in rows]))
-    cap = plan.get("caption")
-    if cap:
-        out += ["", "### Captioning", "",
+    if plan.get("caption"):
+        out += ["", "### Captioning (one caption per clip)", "",
                 _md(["model", "decoding", "tokens", "GFLOP/caption (counted)", "captions/s per GPU", "source",
                      "GPU-hours for 103M"],
-                    [[cap.get("model", "?"), cap.get("decoding", "?"), str(cap.get("max_tokens", "?")),
-                      f"{cap['gflops_per_caption']:.0f}", f"{cap['captions_per_s']:.0f}", cap["source"],
-                      f"{cap['gpu_hours']:,.0f}"]])]
+                    [[c["model"], f"{c['decoding']} ({c['num_beams']} beams)" if c["num_beams"] > 1 else c["decoding"],
+                      str(c["max_tokens"]), f"{c['gflops_per_caption']:.0f}", f"{c['captions_per_s']:.0f}",
+                      c["source"], f"{c['gpu_hours']:,.0f}"] for c in plan["caption"]])]
     return "\n".join(out)
 
 
@@ -225,7 +233,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="bench/data.py --json output")
     p.add_argument("--train", action="append", required=True, help="bench/train_step.py --json output(s)")
-    p.add_argument("--caption", action="append", help="bench/captioning.py --count-flops --json output")
+    p.add_argument("--caption", action="append",
+                   help="bench/captioning.py --json output: --count-flops (estimate) or a timed GPU run (measured)")
     p.add_argument("--format", default="4 fps · 224 · gop 4 · fastdecode", help="stored format for the node tables")
     p.add_argument("--content", default="natural", help="content row for the node tables' read bandwidth")
     for f, v in asdict(Cluster()).items():

@@ -60,3 +60,33 @@ def test_comm_model_and_loss_flops():
     f = loss_flops(1024, 512)
     assert 12 * 1024 ** 2 * 512 < f < 30 * 1024 ** 2 * 512
     assert loss_flops(2048, 512) == pytest.approx(4 * f)
+
+
+def test_inference_flop_counter_matches_torch():
+    """bench/captioning.py counts generation FLOPs with its own dispatch mode (FlopCounterMode fails
+    under no-grad generate): same formulas, same total on a model FlopCounterMode can run."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.captioning import InferenceFlops
+    layer = torch.nn.TransformerEncoderLayer(64, 4, 128, batch_first=True)
+    x = torch.randn(2, 10, 64)
+    with FlopCounterMode(display=False) as ref:
+        layer(x)
+    for ctx in (torch.no_grad, torch.inference_mode):     # inference_mode: composite ops arrive undecomposed
+        with ctx(), InferenceFlops() as got:
+            layer(x)
+        assert got.total == ref.get_total_flops() > 2 * 2 * 10 * 64 * 128
+
+
+def test_caption_rows_estimate_from_flops_and_measure_from_a_gpu_run():
+    from bench.scaling import caption_plan
+    cl = Cluster(peak_tflops=800.0, caption_mfu=0.1)
+    flops = {"arch": "coca_ViT-L-14", "decoding": "beam", "num_beams": 6, "max_tokens": 30, "gflops_per_caption": 800.0}
+    gpu = {"args": {"device": "cuda", "arch": "coca_ViT-L-14", "model": None, "decoding": "beam", "max_tokens": 30},
+           "job": {"steady_captions_per_s": 400.0, "actors": 8}}
+    cpu = {"args": {**gpu["args"], "device": "cpu"}, "job": gpu["job"]}
+    est, meas = caption_plan([flops, gpu, cpu], cl)          # a CPU timing is no GPU figure: left out
+    assert est["captions_per_s"] == pytest.approx(100.0) and "estimate" in est["source"]
+    assert meas["captions_per_s"] == pytest.approx(50.0) and meas["source"].startswith("measured")
+    assert meas["gpu_hours"] == pytest.approx(103e6 / 50 / 3600)
