@@ -162,7 +162,7 @@ def count_caption_flops(cfg: CaptionConfig, shards: Path, n: int) -> dict:
         captions = cap.caption(images, meta["ok"][:n])
     gen = dataclasses.asdict(cap.provenance)["generation"]
     return {"model": cfg.model, "decoding": gen["decoding"], "max_tokens": cfg.max_tokens,
-            "num_beams": cfg.num_beams if gen["decoding"] == "beam" else 1, "images": len(images),
+            "num_beams": gen.get("num_beams", 1), "images": len(images),
             "gflops_per_caption": fc.total / len(images) / 1e9,
             "caption_tokens": [len(c.split()) for c in captions], "generation": gen}
 

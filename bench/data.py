@@ -47,6 +47,7 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import md_table  # noqa: E402
 from bench.data_paths import (HDVILA_MEAN_SECONDS, load_clips, measure_decode_frames,  # noqa: E402
                               measure_floor, measure_loader, measure_naive, measure_worker)
 
@@ -249,11 +250,6 @@ def _kb(b: float) -> str:
     return f"{b / 1e3:,.0f} KB" if b >= 1e4 else f"{b / 1e3:.1f} KB"
 
 
-def _md(head: list[str], rows: list[list[str]]) -> str:
-    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
-                     ["| " + " | ".join(r) + " |" for r in rows])
-
-
 def storage_table(res: dict) -> str:
     head = ["content", "format (fps · short side · GOP)", "stored", "mp4 kbit/s", "bytes/clip (13.4 s)",
             "TB / 100M clips"]
@@ -262,7 +258,7 @@ def storage_table(res: dict) -> str:
         st = r["storage"]
         rows.append([r["content"], r["label"], f"{st['width']}×{st['height']}, {st['frames_per_clip']:.0f} fr",
                      f"{st['mp4_kbit_per_s']:.0f}", _kb(st["bytes_per_13.4s_clip"]), f"{st['tb_per_100m_clips']:.1f}"])
-    return _md(head, rows)
+    return md_table(head, rows)
 
 
 def speed_table(res: dict) -> str:
@@ -284,7 +280,7 @@ def speed_table(res: dict) -> str:
             d = r.get("dataloader")
             cells.append(f"{d['per_core']:.1f} ({d['wall_clips_per_s']:.1f})" if d else "–")
         rows.append(cells)
-    return _md(head, rows)
+    return md_table(head, rows)
 
 
 def breakdown(res: dict) -> str:
@@ -296,7 +292,7 @@ def breakdown(res: dict) -> str:
         f, d, w, lo = (1e3 / r[k]["per_core"] for k in ("floor", "decode_frames", "worker", "loader"))
         rows.append([r["content"], r["label"], f"{f:.1f}", f"{d - f:.1f}", f"{w - d:.1f}", f"**{w:.1f}**",
                      f"{lo - w:.1f}", f"{lo:.1f}"])
-    return _md(head, rows)
+    return md_table(head, rows)
 
 
 def notes(res: dict) -> str:

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-HDVILA_CLIPS = 100e6
 HDVILA_MEAN_SECONDS = 13.4
 
 
@@ -122,7 +121,7 @@ def load_clips(shard_dir: Path) -> tuple[list[StoredClip], dict]:
             "mp4_bytes_per_clip": sizes["mp4"] / n, "jpg_bytes_per_clip": sizes["jpg"] / n,
             "json_bytes_per_clip": sizes["json"] / n, "tar_overhead_per_clip": sizes["headers"] / n,
             "mp4_kbit_per_s": sizes["mp4"] * 8 / seconds / 1e3,
-            "bytes_per_13.4s_clip": per_clip_13s, "tb_per_100m_clips": per_clip_13s * HDVILA_CLIPS / 1e12,
+            "bytes_per_13.4s_clip": per_clip_13s, "tb_per_100m_clips": per_clip_13s * 100e6 / 1e12,
             "width": clips[0].meta["width"], "height": clips[0].meta["height"],
             "frames_per_clip": sum(c.meta["num_frames"] for c in clips) / n,
             "clips_with_off_grid_keyframes": sum(bool(off_grid_keyframes(c)) for c in clips)}
@@ -175,7 +174,7 @@ def decode_only(mp4: bytes, indices, fps: float, gop: int) -> int:
     return decoded
 
 
-def naive_clip(path: str, start: float, end: float, T: int, size: int, rng) -> tuple[object, int]:
+def naive_clip(path: str, start: float, end: float, T: int, size: int, rng) -> tuple[object, int, int]:
     """Naive: decode every frame of [start, end) of the source, sample T, resize to size², normalise.
     Returns (tensor [T, 3, size, size], frames decoded including the pre-roll from the keyframe,
     frames in the span)."""

@@ -27,10 +27,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import md_table  # noqa: E402
+from vip.config import ShardBuildConfig, TrainConfig  # noqa: E402
+
 HDVILA_CLIPS = 103e6                 # HD-VILA-100M: 103M clips from 3.3M videos, 371.5K hours
-HDVILA_HOURS = 371.5e3
-GLOBAL_BATCH = 1024                  # reference global batch
-CLIPS_PER_SHARD = 1000               # build.clips_per_shard default
+GLOBAL_BATCH = TrainConfig().global_batch                 # the reference recipe's global batch
+CLIPS_PER_SHARD = ShardBuildConfig().clips_per_shard      # the shard builder's default
 
 
 @dataclass(frozen=True)
@@ -165,55 +167,51 @@ def node_rows(arch: str, a: dict, cl: Cluster, storage: dict, nodes=(1, 2, 4, 8,
 
 
 def caption_plan(caption: list[dict], cl: Cluster) -> list[dict]:
-    """One row per --caption JSON: captions/s per GPU (measured if the JSON has it, else estimated)."""
+    """One row per --caption JSON: captions/s per GPU, measured from a timed GPU run of
+    bench/captioning.py, else estimated from a --count-flops run (a CPU timing is no GPU figure: skipped)."""
     rows = []
     for c in caption:
-        if "job" in c:          # a timed captioning.py run: measured when it ran on a GPU (one actor per GPU)
+        if "job" in c:          # a timed run: one actor per GPU
             a = c["args"]
             if not str(a.get("device", "cpu")).startswith("cuda"):
                 continue
-            rate = c["job"]["steady_captions_per_s"] / max(1, c["job"]["actors"])
-            rows.append({"model": a.get("model") or a.get("arch"), "decoding": a["decoding"], "num_beams": 0,
-                         "max_tokens": a["max_tokens"], "gflops_per_caption": float("nan"),
-                         "captions_per_s": rate, "source": "measured (job after startup, per GPU)",
-                         "gpu_hours": HDVILA_CLIPS / rate / 3600})
-            continue
-        rate = cl.peak_tflops * 1e12 * cl.caption_mfu / (c["gflops_per_caption"] * 1e9)
-        rows.append({"model": c.get("arch") or c.get("model"), "decoding": c["decoding"],
-                     "num_beams": c.get("num_beams", 1), "max_tokens": c["max_tokens"],
-                     "gflops_per_caption": c["gflops_per_caption"], "captions_per_s": rate,
-                     "source": f"estimate: {cl.peak_tflops:.0f} TFLOP/s × {cl.caption_mfu:.2f} / counted FLOPs",
-                     "gpu_hours": HDVILA_CLIPS / rate / 3600})
+            row = {"model": a.get("model") or a.get("arch"), "decoding": a["decoding"],
+                   "num_beams": c["alone"]["provenance"]["generation"].get("num_beams", 1),
+                   "max_tokens": a["max_tokens"], "gflops_per_caption": float("nan"),
+                   "captions_per_s": c["job"]["steady_captions_per_s"] / max(1, c["job"]["actors"]),
+                   "source": "measured (job after startup, per GPU)"}
+        else:
+            row = {"model": c.get("arch") or c.get("model"), "decoding": c["decoding"],
+                   "num_beams": c.get("num_beams", 1), "max_tokens": c["max_tokens"],
+                   "gflops_per_caption": c["gflops_per_caption"],
+                   "captions_per_s": cl.peak_tflops * 1e12 * cl.caption_mfu / (c["gflops_per_caption"] * 1e9),
+                   "source": f"estimate: {cl.peak_tflops:.0f} TFLOP/s × {cl.caption_mfu:.2f} / counted FLOPs"}
+        rows.append({**row, "gpu_hours": HDVILA_CLIPS / row["captions_per_s"] / 3600})
     return rows
 
 
 # --------------------------------------------------------------------------- report
-def _md(head, rows) -> str:
-    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
-                     ["| " + " | ".join(r) + " |" for r in rows])
-
-
 def report(plan: dict) -> str:
     cl = Cluster(**plan["cluster"])
     out = [f"Cluster assumed: {cl.gpu}, {cl.gpus_per_node} GPUs and {cl.cores_per_node} cores per node; "
            f"global batch {GLOBAL_BATCH}; {HDVILA_CLIPS / 1e6:.0f}M clips.", "", "### Storage and shards", ""]
-    out.append(_md(["content", "format", "mp4 kbit/s", "KB/clip", "TB for 103M clips", "shards (1,000 clips)",
+    out.append(md_table(["content", "format", "mp4 kbit/s", "KB/clip", f"TB for {HDVILA_CLIPS / 1e6:.0f}M clips", f"shards ({CLIPS_PER_SHARD:,} clips)",
                     "MB/shard"],
                    [[s["content"], s["format"], f"{s['kbit_s']:.0f}", f"{s['bytes_per_clip'] / 1e3:.0f}",
                      f"{s['tb']:.1f}", f"{s['shards']:,}", f"{s['shard_mb']:.0f}"] for s in plan["storage"]]))
     out += ["", "### GPU throughput (training step, ViP, bf16)", ""]
-    out.append(_md(["arch", "GFLOP/clip (counted)", "params (M)", "clips/s per GPU", "source", "GPU-hours / epoch (compute only)"],
+    out.append(md_table(["arch", "GFLOP/clip (counted)", "params (M)", "clips/s per GPU", "source", "GPU-hours / epoch (compute only)"],
                    [[k, f"{a['gflops_per_clip']:.0f}", f"{a['params'] / 1e6:.0f}", f"{a['clips_per_s']:,.0f}",
                      a["source"], f"{HDVILA_CLIPS / a['clips_per_s'] / 3600:,.0f}"] for k, a in plan["rates"].items()]))
     out += ["", "### Data-loading cores per GPU", ""]
-    out.append(_md(["content", "format", "arch", "GPU clips/s", "cores/GPU (GPU normalises)",
+    out.append(md_table(["content", "format", "arch", "GPU clips/s", "cores/GPU (GPU normalises)",
                     "cores/GPU (CPU normalises)", f"cores/node needed (of {cl.cores_per_node})", "read MB/s per GPU"],
                    [[c["content"], c["format"], c["arch"], f"{c['gpu_clips_per_s']:,.0f}", f"**{c['cores_per_gpu']:.1f}**",
                      f"{c['cores_per_gpu_cpu_normalise']:.1f}", f"{c['node_cores_needed']:.0f}",
                      f"{c['read_mb_s_per_gpu']:.0f}"] for c in plan["cores"]]))
     for arch, rows in plan["nodes"].items():
         out += ["", f"### Nodes: {arch}, one optimizer step of {GLOBAL_BATCH} clips (no compute/comm overlap assumed)", ""]
-        out.append(_md(["nodes", "GPUs", "clips/GPU/step", "compute ms", "gradient comm ms", "feature gather ms",
+        out.append(md_table(["nodes", "GPUs", "clips/GPU/step", "compute ms", "gradient comm ms", "feature gather ms",
                         "loss ms", "step ms", "comm share", "epoch h", "GPU-h/epoch", "read GB/s (all nodes)"],
                        [[str(r["nodes"]), str(r["gpus"]), f"{r['micro_batch']:g}", f"{r['compute_ms']:.1f}",
                          f"{r['grad_comm_ms']:.1f}", f"{r['feature_comm_ms']:.2f}", f"{r['loss_ms']:.2f}",
@@ -221,8 +219,8 @@ def report(plan: dict) -> str:
                          f"{r['gpu_hours']:.0f}", f"{r['read_gb_s']:.1f}"] for r in rows]))
     if plan.get("caption"):
         out += ["", "### Captioning (one caption per clip)", "",
-                _md(["model", "decoding", "tokens", "GFLOP/caption (counted)", "captions/s per GPU", "source",
-                     "GPU-hours for 103M"],
+                md_table(["model", "decoding", "tokens", "GFLOP/caption (counted)", "captions/s per GPU", "source",
+                     f"GPU-hours for {HDVILA_CLIPS / 1e6:.0f}M"],
                     [[c["model"], f"{c['decoding']} ({c['num_beams']} beams)" if c["num_beams"] > 1 else c["decoding"],
                       str(c["max_tokens"]), f"{c['gflops_per_caption']:.0f}", f"{c['captions_per_s']:.0f}",
                       c["source"], f"{c['gpu_hours']:,.0f}"] for c in plan["caption"]])]
@@ -235,7 +233,7 @@ def main(argv=None) -> dict:
     p.add_argument("--train", action="append", required=True, help="bench/train_step.py --json output(s)")
     p.add_argument("--caption", action="append",
                    help="bench/captioning.py --json output: --count-flops (estimate) or a timed GPU run (measured)")
-    p.add_argument("--format", default="4 fps · 224 · gop 4 · fastdecode", help="stored format for the node tables")
+    p.add_argument("--format", default="4 fps · 224² · gop 4 · fastdecode", help="stored format for the node tables")
     p.add_argument("--content", default="natural", help="content row for the node tables' read bandwidth")
     for f, v in asdict(Cluster()).items():
         p.add_argument("--" + f.replace("_", "-"), type=type(v), default=v)
@@ -245,7 +243,10 @@ def main(argv=None) -> dict:
     data = load_json([args.data])[0]
     rates = train_rates(load_json(args.train), cl)
     storage = storage_rows(data)
-    pick = next((s for s in storage if s["format"] == args.format and s["content"] == args.content), storage[0])
+    pick = next((s for s in storage if s["format"] == args.format and s["content"] == args.content), None)
+    if pick is None:
+        raise SystemExit(f"--format {args.format!r} --content {args.content!r} is not in {args.data}; it has: "
+                         + "; ".join(f"{s['content']} / {s['format']}" for s in storage))
     plan = {"cluster": asdict(cl), "rates": rates, "storage": storage, "cores": cores_rows(storage, rates, cl),
             "nodes": {arch: node_rows(arch, a, cl, pick) for arch, a in rates.items()},
             "node_table_storage": pick, "caption": caption_plan(load_json(args.caption), cl)}

@@ -5,7 +5,7 @@
     python bench/train_step.py --device cuda --dtype bf16 --arch ViT-B-32,ViT-B-16 --batch auto  # a GPU
 
 Step = the trainer's step: uint8 pixels (pinned on a GPU run) → device → CLIP normalisation in
-the compute dtype (`shards.reader.normalise_pixels`, as `StreamLoader` does) → forward (video,
+the compute dtype (`shards.reader.to_model_input`, as `StreamLoader` does) → forward (video,
 middle frame, subtitle, caption) → OCL loss (variant d) → backward → AdamW step, in a DeepSpeed
 engine (world 1, ZeRO 1). Rows: for each arch, the ViP model and the stock frame-wise MeanPool
 model as the reference point, each with and without gradient checkpointing. Reported: micro-batch,
@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.model import PeakMemory  # noqa: E402
+from shards.reader import to_model_input  # noqa: E402
 
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int, repeat: int = 5) -> float:
@@ -84,13 +85,6 @@ def make_engine(arch: str, encoder: str, grad_ckpt: bool, batch: int, args, devi
     return engine
 
 
-def model_inputs(batch: dict, device, dtype) -> dict:
-    """What StreamLoader.to_model_input does: to the device, pixels normalised there."""
-    from shards.reader import normalise_pixels
-    return {"video": normalise_pixels(batch["video"], device, dtype), "frame": normalise_pixels(batch["frame"], device, dtype),
-            **{k: batch[k].to(device, non_blocking=True) for k in ("subtitle", "caption", "has_caption")}}
-
-
 def loss_of(module, x: dict) -> torch.Tensor:
     from vip.losses import ocl_loss
     out = module(video=x["video"], frame=x["frame"], subtitle=x["subtitle"], caption=x["caption"])
@@ -100,7 +94,7 @@ def loss_of(module, x: dict) -> torch.Tensor:
 
 
 def step(engine, batch, device, dtype) -> torch.Tensor:
-    loss = loss_of(engine, model_inputs(batch, device, dtype))
+    loss = loss_of(engine, to_model_input(batch, device, dtype))
     engine.backward(loss)
     with torch.no_grad():
         engine.step()
@@ -111,7 +105,7 @@ def count_flops(engine, batch, grad_ckpt: bool, device, dtype) -> int:
     from torch.utils.flop_counter import FlopCounterMode
     engine.module.set_grad_checkpointing(False)   # model FLOPs: recomputation is not counted
     with FlopCounterMode(display=False) as fc:
-        loss_of(engine.module, model_inputs(batch, device, dtype)).backward()
+        loss_of(engine.module, to_model_input(batch, device, dtype)).backward()
     engine.module.zero_grad(set_to_none=True)
     engine.module.set_grad_checkpointing(grad_ckpt)
     return fc.get_total_flops()

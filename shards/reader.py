@@ -23,6 +23,7 @@ workers, at a cost independent of the position.
 from __future__ import annotations
 
 import collections
+import functools
 import io
 import json
 import logging
@@ -89,6 +90,12 @@ _SCALE = (1.0 / (255.0 * torch.tensor(CLIP_STD))).view(3, 1, 1)
 _SHIFT = (-torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD)).view(3, 1, 1)
 
 
+@functools.lru_cache(maxsize=8)
+def _affine_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(_SCALE, _SHIFT) on `device`, copied there once rather than per batch."""
+    return _SCALE.to(device), _SHIFT.to(device)
+
+
 def _empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised tensor; inside a DataLoader worker it lives in shared memory, so handing it
     to the main process copies nothing (torch's default path would copy it into shared memory)."""
@@ -113,8 +120,20 @@ def normalise_pixels(pixels: torch.Tensor, device: torch.device | str | None = N
     float32 and then cast: the same values as `normalise` on any device (bit-identical on CPU)."""
     x = pixels.to(device if device is not None else pixels.device, non_blocking=True).movedim(-1, -3)
     x = x.to(torch.float32, memory_format=torch.contiguous_format)
-    x.mul_(_SCALE.to(x.device)).add_(_SHIFT.to(x.device))
+    scale, shift = _affine_on(x.device)
+    x.mul_(scale).add_(shift)
     return x if dtype == torch.float32 else x.to(dtype)
+
+
+def to_model_input(batch: dict, device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict:
+    """A worker batch (uint8 pixels) → DESIGN.md §3 tensors on `device`: pixels normalised there in
+    `dtype`, the other tensors moved; each tensor crosses to the device once."""
+    pixels = {"video", "frame"}
+    out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k not in pixels else v
+           for k, v in batch.items()}
+    out["video"] = normalise_pixels(batch["video"], device, dtype)    # [B, T, 3, H, W]
+    out["frame"] = normalise_pixels(batch["frame"], device, dtype)    # [B, 3, H, W]
+    return out
 
 
 def normalise(frames: np.ndarray) -> torch.Tensor:
@@ -294,14 +313,6 @@ class StreamLoader:
         self.wait_seconds = 0.0
         self._warned: collections.Counter = collections.Counter()
 
-    def to_model_input(self, batch: dict) -> dict:
-        """A worker batch (uint8 pixels) → DESIGN.md §3 tensors on this loader's device."""
-        out = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-               for k, v in batch.items()}
-        out["video"] = normalise_pixels(batch["video"], self.device, self.dtype)   # [B, T, 3, H, W]
-        out["frame"] = normalise_pixels(batch["frame"], self.device, self.dtype)   # [B, 3, H, W]
-        return out
-
     def dataset(self) -> ClipStream:
         return ClipStream(self.cfg, self.shards, self.rank, self.world, start=self.position)
 
@@ -328,7 +339,7 @@ class StreamLoader:
             self.batches += 1
             if not batch["key"]:
                 continue  # every sample of this batch was bad (counted above)
-            yield self.to_model_input(batch)
+            yield to_model_input(batch, self.device, self.dtype)
 
     @property
     def epoch(self) -> int:

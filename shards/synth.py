@@ -14,11 +14,11 @@ covers. Deterministic from the seed. Writes, under `out`:
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import time
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -84,9 +84,11 @@ def test_caption_rows_estimate_from_flops_and_measure_from_a_gpu_run():
     cl = Cluster(peak_tflops=800.0, caption_mfu=0.1)
     flops = {"arch": "coca_ViT-L-14", "decoding": "beam", "num_beams": 6, "max_tokens": 30, "gflops_per_caption": 800.0}
     gpu = {"args": {"device": "cuda", "arch": "coca_ViT-L-14", "model": None, "decoding": "beam", "max_tokens": 30},
-           "job": {"steady_captions_per_s": 400.0, "actors": 8}}
-    cpu = {"args": {**gpu["args"], "device": "cpu"}, "job": gpu["job"]}
+           "job": {"steady_captions_per_s": 400.0, "actors": 8},
+           "alone": {"provenance": {"generation": {"decoding": "beam", "num_beams": 6}}}}
+    cpu = {**gpu, "args": {**gpu["args"], "device": "cpu"}}
     est, meas = caption_plan([flops, gpu, cpu], cl)          # a CPU timing is no GPU figure: left out
     assert est["captions_per_s"] == pytest.approx(100.0) and "estimate" in est["source"]
     assert meas["captions_per_s"] == pytest.approx(50.0) and meas["source"].startswith("measured")
+    assert meas["num_beams"] == 6
     assert meas["gpu_hours"] == pytest.approx(103e6 / 50 / 3600)
