@@ -36,7 +36,7 @@ from captioning.captioners import build_captioner  # noqa: E402
 from captioning.frames import load_chunk, plan_chunks  # noqa: E402
 from captioning.job import run_caption_job  # noqa: E402
 from captioning.tiny import make_frame_shards, make_tiny_coca  # noqa: E402
-from vip.config import CaptionConfig  # noqa: E402
+from captioning.config import CaptionConfig  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

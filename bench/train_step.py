@@ -4,7 +4,8 @@
     OMP_NUM_THREADS=2 python bench/train_step.py --arch ViT-B-32,ViT-B-16 --batch 2   # CPU, slow
     python bench/train_step.py --device cuda --dtype bf16 --arch ViT-B-32,ViT-B-16 --batch auto  # a GPU
 
-Step = the trainer's step: uint8 pixels (pinned on a GPU run) → device → CLIP normalisation in
+Step = the trainer's own `vip.train.engine.train_step` on the engine `build_engine` makes
+(nothing re-implemented here): uint8 pixels (pinned on a GPU run) → device → CLIP normalisation in
 the compute dtype (`shards.reader.to_model_input`, as `StreamLoader` does) → forward (video,
 middle frame, subtitle, caption) → OCL loss (variant d) → backward → AdamW step, in a DeepSpeed
 engine (world 1, ZeRO 1). Rows: for each arch, the ViP model and the stock frame-wise MeanPool
@@ -68,56 +69,40 @@ def synthetic_batch(B: int, T: int, size: int, L: int, device) -> dict:
             "has_caption": torch.ones(B, dtype=torch.bool)}
 
 
-def make_engine(arch: str, encoder: str, grad_ckpt: bool, batch: int, args, device):
-    import deepspeed
-
-    from vip.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
-    from vip.ds_config import make_ds_config, promote_scalar_params
+def make_engine(arch: str, encoder: str, grad_ckpt: bool, batch: int, rt):
+    """The trainer's engine (vip.train.engine.build_engine) around a fresh model, world 1, ZeRO 1."""
+    from vip.config import ModelConfig, OptimConfig, TrainConfig
     from vip.model import build_model
-    from vip.optim import param_groups
+    from vip.train.engine import build_engine
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch=arch, video_encoder=encoder, max_frames=12, grad_checkpointing=grad_ckpt))
-    promote_scalar_params(model)
-    precision = {"bf16": "bf16", "fp16": "fp16"}.get(args.dtype, "fp32")
-    ds = make_ds_config(TrainConfig(global_batch=batch, precision=precision, zero_stage=1), OptimConfig(),
-                        DataConfig(batch_size=batch), world=1, device_type=device.type)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, OptimConfig()), config=ds)
-    return engine
+    return build_engine(model, rt, TrainConfig(global_batch=batch, precision=rt.precision, zero_stage=1),
+                        OptimConfig(), micro_batch=batch, total_steps=1000)
 
 
-def loss_of(module, x: dict) -> torch.Tensor:
-    from vip.losses import ocl_loss
-    out = module(video=x["video"], frame=x["frame"], subtitle=x["subtitle"], caption=x["caption"])
-    loss, _ = ocl_loss("d", video=out["video"], frame=out["frame"], subtitle=out["subtitle"],
-                       caption=out["caption"], has_caption=x["has_caption"], logit_scale=out["logit_scale"])
-    return loss
+def step(engine, batch, objective):
+    """The trainer's step (vip.train.engine.train_step) on a reader batch moved to the device."""
+    from vip.train.engine import train_step
+    return train_step(engine, to_model_input(batch, engine.rt.device, engine.rt.dtype), objective)
 
 
-def step(engine, batch, device, dtype) -> torch.Tensor:
-    loss = loss_of(engine, to_model_input(batch, device, dtype))
-    engine.backward(loss)
-    with torch.no_grad():
-        engine.step()
-    return loss
-
-
-def count_flops(engine, batch, grad_ckpt: bool, device, dtype) -> int:
+def count_flops(engine, batch, grad_ckpt: bool, objective) -> int:
     from torch.utils.flop_counter import FlopCounterMode
     engine.module.set_grad_checkpointing(False)   # model FLOPs: recomputation is not counted
     with FlopCounterMode(display=False) as fc:
-        loss_of(engine.module, to_model_input(batch, device, dtype)).backward()
+        objective(engine.module, to_model_input(batch, engine.rt.device, engine.rt.dtype))[0].backward()
     engine.module.zero_grad(set_to_none=True)
     engine.module.set_grad_checkpointing(grad_ckpt)
     return fc.get_total_flops()
 
 
-def fits(arch, encoder, grad_ckpt, B, args, device, dtype) -> bool:
+def fits(arch, encoder, grad_ckpt, B, args, rt, objective) -> bool:
     """One full step at micro-batch B without running out of GPU memory."""
     engine = None
     try:
-        engine = make_engine(arch, encoder, grad_ckpt, B, args, device)
-        step(engine, synthetic_batch(B, args.frames, args.image_size, args.context, device), device, dtype)
-        _sync(device)
+        engine = make_engine(arch, encoder, grad_ckpt, B, rt)
+        step(engine, synthetic_batch(B, args.frames, args.image_size, args.context, rt.device), objective)
+        _sync(rt.device)
         return True
     except torch.cuda.OutOfMemoryError:
         return False
@@ -128,37 +113,39 @@ def fits(arch, encoder, grad_ckpt, B, args, device, dtype) -> bool:
         torch.cuda.empty_cache()
 
 
-def largest_batch(arch, encoder, grad_ckpt, args, device, dtype, cap: int = 4096) -> int:
+def largest_batch(arch, encoder, grad_ckpt, args, rt, objective, cap: int = 4096) -> int:
     """Largest multiple of 8 that fits: double from 8, then bisect between the last fit and the first miss."""
     lo, hi = 0, 8
-    while hi <= cap and fits(arch, encoder, grad_ckpt, hi, args, device, dtype):
+    while hi <= cap and fits(arch, encoder, grad_ckpt, hi, args, rt, objective):
         lo, hi = hi, hi * 2
     if lo == 0:
         raise RuntimeError(f"{arch} {encoder}: not even a micro-batch of 8 fits")
     while hi - lo > 8:
         mid = (lo + hi) // 16 * 8
-        lo, hi = (mid, hi) if fits(arch, encoder, grad_ckpt, mid, args, device, dtype) else (lo, mid)
+        lo, hi = (mid, hi) if fits(arch, encoder, grad_ckpt, mid, args, rt, objective) else (lo, mid)
     return lo
 
 
-def bench_row(arch: str, encoder: str, grad_ckpt: bool, args, device, dtype, peak: float) -> dict:
+def bench_row(arch: str, encoder: str, grad_ckpt: bool, args, rt, peak: float) -> dict:
+    from vip.train.objectives import PretrainObjective
+    device, objective = rt.device, PretrainObjective("d", rt)
     if args.batch == "auto":
         if device.type != "cuda":
             raise SystemExit("--batch auto needs a GPU (it searches the memory limit)")
-        B = largest_batch(arch, encoder, grad_ckpt, args, device, dtype)
+        B = largest_batch(arch, encoder, grad_ckpt, args, rt, objective)
     else:
         B = int(args.batch)
-    engine = make_engine(arch, encoder, grad_ckpt, B, args, device)
+    engine = make_engine(arch, encoder, grad_ckpt, B, rt)
     batch = synthetic_batch(B, args.frames, args.image_size, args.context, device)
-    flops = count_flops(engine, batch, grad_ckpt, device, dtype)
+    flops = count_flops(engine, batch, grad_ckpt, objective)
     for _ in range(args.warmup):
-        step(engine, batch, device, dtype)
+        step(engine, batch, objective)
     times = []
     with PeakMemory(device) as mem:
         for _ in range(args.steps):
             _sync(device)
             t0 = time.perf_counter()
-            step(engine, batch, device, dtype)
+            step(engine, batch, objective)
             _sync(device)
             times.append(time.perf_counter() - t0)
     t = sorted(times)[len(times) // 2]
@@ -205,22 +192,19 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.arch, args.batch, args.image_size, args.frames, args.steps, args.warmup = "vip-tiny", "4", 64, 4, 3, 1
-    for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29651"), ("RANK", "0"), ("LOCAL_RANK", "0"),
-                 ("WORLD_SIZE", "1")):
-        os.environ.setdefault(k, v)
     device = torch.device(args.device)
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    import deepspeed
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    from vip.train.runtime import init_runtime
+    rt = init_runtime(device=args.device, precision=args.dtype, training=True)   # a world of one
+    dtype = rt.dtype
     peak = matmul_peak_flops(device, dtype, 8192 if device.type == "cuda" else 1024)
     ckpts = [{"off": False, "on": True}[c.strip()] for c in args.grad_ckpt.split(",")]
     rows = []
     for arch in args.arch.split(","):
         for enc in args.encoders.split(","):
             for ck in ckpts:
-                rows.append(bench_row(arch.strip(), enc.strip(), ck, args, device, dtype, peak))
+                rows.append(bench_row(arch.strip(), enc.strip(), ck, args, rt, peak))
                 print(f"  {rows[-1]['arch']} {enc} ckpt={ck}: B={rows[-1]['batch']} {rows[-1]['step_s']:.3f} s/step",
                       file=sys.stderr, flush=True)
     print(table(rows, args, device, peak))

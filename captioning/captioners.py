@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vip.config import CaptionConfig
+from captioning.config import CaptionConfig
 
 log = logging.getLogger(__name__)
 

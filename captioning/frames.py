@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 
 from shards.tarindex import TarReader
-from shards.video import center_crop, output_size
+from shards.video import decode_jpeg
 
 
 @dataclass(frozen=True)
@@ -44,19 +44,6 @@ def plan_chunks(shard_id: int, shard: str, path: str, num_samples: int, chunk_si
             for i in range(n)]
 
 
-def decode_image(data: bytes, size: int, resize: str) -> np.ndarray:
-    """JPEG bytes → uint8 [size, size, 3]; crop: short side → size then centre crop, squash: → size²."""
-    from PIL import Image
-    img = Image.open(io.BytesIO(data))
-    if img.format != "JPEG":
-        raise ValueError(f"not a JPEG ({img.format})")
-    img.draft("RGB", (size, size))  # libjpeg DCT scaling: decode at ≥ size, much faster for big frames
-    img = img.convert("RGB")         # forces the full decode: truncated/corrupt data raises here
-    w, h = output_size(img.width, img.height, size, resize)
-    arr = np.asarray(img.resize((w, h), Image.BICUBIC))
-    return np.ascontiguousarray(center_crop(arr, size)) if resize == "crop" else arr
-
-
 def load_chunk(chunk: Chunk, size: int, resize: str) -> tuple[dict, np.ndarray]:
     """→ (meta, images). meta: {"chunk", "keys" (all keys of the chunk, tar order), "ok" (keys that
     decoded, in the order of `images`), "errors" {key: "reason: detail"}, "fatal" (str|None),
@@ -70,7 +57,7 @@ def load_chunk(chunk: Chunk, size: int, resize: str) -> tuple[dict, np.ndarray]:
         return meta, empty
     try:
         idx = reader.index
-        if reader._f is None or (not idx.keys and idx.error):
+        if not reader.is_open or (not idx.keys and idx.error):
             meta["fatal"] = f"shard_unreadable: {idx.error or 'no such file: ' + chunk.path}"
             return meta, empty
         meta["index_error"] = idx.error
@@ -87,7 +74,7 @@ def load_chunk(chunk: Chunk, size: int, resize: str) -> tuple[dict, np.ndarray]:
                 meta["errors"][key] = f"truncated_member: {e}"
                 continue
             try:
-                images.append(decode_image(data, size, resize))
+                images.append(decode_jpeg(data, size, resize, resample="bicubic"))
             except Exception as e:  # PIL raises many types for bad data; one clip never kills the chunk
                 meta["errors"][key] = f"corrupt_jpeg: {type(e).__name__}: {e}"
                 continue

@@ -1,4 +1,5 @@
-"""The captioning job: shards → caption sidecars on a Ray cluster (DESIGN.md §7).
+"""The captioning job: shards → caption sidecars on a Ray cluster (docs/captioning.md;
+docs/architecture.md, "Captioning").
 
     driver (this process)                         cluster
     ─────────────────────                         ───────
@@ -32,7 +33,7 @@ from typing import Callable, Optional
 
 from captioning.frames import Chunk, load_chunk, plan_chunks
 from shards.captions import sidecar_path, write_sidecar
-from vip.config import CaptionConfig
+from captioning.config import CaptionConfig
 
 log = logging.getLogger("captioning")
 
@@ -41,13 +42,14 @@ log = logging.getLogger("captioning")
 class CaptionActor:
     """Holds one captioner (one GPU on a cluster); captions whole chunks, batch by batch."""
 
-    def __init__(self, cfg: CaptionConfig, slot: int = 0, incarnation: int = 0):
+    def __init__(self, cfg: CaptionConfig, slot: int = 0, incarnation: int = 0, fault_exit_chunk: int | None = None):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         import torch
         if cfg.device == "cpu":
             torch.set_num_threads(max(1, int(cfg.actor_cpus)))
         from captioning.captioners import build_captioner
         self.cfg, self.slot, self.incarnation = cfg, slot, incarnation
+        self.fault_exit_chunk = fault_exit_chunk   # fault injection (tests, drills): exit on this chunk
         self.captioner = build_captioner(cfg)
         self.calls = 0
 
@@ -58,9 +60,9 @@ class CaptionActor:
     def caption_chunk(self, meta: dict, images) -> dict:
         """meta/images from load_chunk → {"chunk", "rows": [{key, caption, error}] in tar order, …}."""
         self.calls += 1
-        if (self.cfg.fault_exit_chunk is not None and self.slot == 0 and self.incarnation == 0
-                and self.calls == self.cfg.fault_exit_chunk):
-            log.error("FAULT INJECTION (caption.fault_exit_chunk=%d): actor 0 exits now", self.calls)
+        if (self.fault_exit_chunk is not None and self.slot == 0 and self.incarnation == 0
+                and self.calls == self.fault_exit_chunk):
+            log.error("FAULT INJECTION (fault_exit_chunk=%d): actor 0 exits now", self.calls)
             os._exit(1)
         t0 = time.perf_counter()
         captions: dict = {}
@@ -174,8 +176,8 @@ class _ShardState:
 class CaptionJob:
     """Drives one run. `run(on_chunk_done)` calls the hook (if any) with the job after each chunk."""
 
-    def __init__(self, cfg: CaptionConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: CaptionConfig, fault_exit_chunk: int | None = None):
+        self.cfg, self.fault_exit_chunk = cfg, fault_exit_chunk
         self.out = Path(cfg.out) if cfg.out else Path(cfg.shards) / "captions"
         self.summary = CaptionSummary(out=str(self.out))
         self.actors: list = []
@@ -242,7 +244,7 @@ class CaptionJob:
             self._actor_cls = self._ray.remote(CaptionActor).options(
                 num_cpus=cfg.actor_cpus, num_gpus=1 if cfg.device == "cuda" else 0, max_restarts=0,
                 max_task_retries=0)
-        return self._actor_cls.remote(cfg, slot, incarnation)
+        return self._actor_cls.remote(cfg, slot, incarnation, self.fault_exit_chunk)
 
     def _replace_actor(self, slot: int, incarnation: int, why: Exception) -> None:
         if self.incarnations[slot] != incarnation:
@@ -418,6 +420,20 @@ class CaptionJob:
             f.write(json.dumps(rec) + "\n")
 
 
-def run_caption_job(cfg: CaptionConfig, on_chunk_done: Callable[[CaptionJob], None] | None = None) -> CaptionSummary:
-    """Caption every shard of cfg.shards that has no sidecar yet; returns the run's summary."""
-    return CaptionJob(cfg).run(on_chunk_done)
+def run_caption_job(cfg: CaptionConfig, on_chunk_done: Callable[[CaptionJob], None] | None = None,
+                    fault_exit_chunk: int | None = None) -> CaptionSummary:
+    """Caption every shard of cfg.shards that has no sidecar yet; returns the run's summary.
+    fault_exit_chunk: fault injection for tests and drills (actor 0 exits on its Nth chunk)."""
+    return CaptionJob(cfg, fault_exit_chunk).run(on_chunk_done)
+
+
+def run(cfg: CaptionConfig, fault_exit_chunk: int | None = None) -> int:
+    """The job as a command: run it, print the summary table; exit status 0 when no shard failed
+    (1 when some failed or the job could not run: the captioner cannot load, no shards, …)."""
+    try:
+        summary = run_caption_job(cfg, fault_exit_chunk=fault_exit_chunk)
+    except Exception as e:
+        log.error("caption job failed: %s: %s", type(e).__name__, e)
+        return 1
+    print(summary.table(), flush=True)
+    return 0 if summary.shards_failed == 0 else 1

@@ -1,40 +1,74 @@
 #!/usr/bin/env bash
-# Launch `vip pretrain` with the DeepSpeed launcher.
-#
-#   launch/pretrain.sh [launcher options] -- [--config PRESET] [section.field=value ...]
-#
-# Modes:
-#   one machine        launch/pretrain.sh -- --config b32                # all GPUs of this node
-#                      launch/pretrain.sh --nproc 2 -- --config tiny     # N processes (CPU: gloo)
-#   hostfile           launch/pretrain.sh --hostfile hosts.txt -- --config b32
-#                      (pdsh/ssh from this node to every host in the file: "host slots=8")
-#   scheduler, 1 node  launch/pretrain.sh --node-rank "$NODE_RANK" --nnodes "$NNODES" \
-#                        --master-addr "$MASTER_ADDR" -- --config b32
-#                      (run once on every node, e.g. from srun or a Kubernetes pod; no ssh).
-#                      Under SLURM the node rank, node count and master address are read
-#                      from SLURM_NODEID, SLURM_NNODES and the first host of SLURM_JOB_NODELIST.
-#
-# Options: --nproc N (processes per node; default: GPUs, or 2 on a CPU machine),
-#          --master-port P (default 29500), --python PATH (default .venv/bin/python).
+# Launch `vip pretrain` (python -m vip.train) with the DeepSpeed launcher; usage() below, or --help.
 set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+usage: launch/pretrain.sh [options] -- [--config PRESET] [section.field=value ...]
+
+Launch `vip pretrain` (python -m vip.train) with the DeepSpeed launcher. Everything after `--`
+goes to the trainer unchanged; paths in it stay relative to the caller's cwd.
+
+Modes:
+  one machine        launch/pretrain.sh -- --config b32                # all GPUs of this node
+                     launch/pretrain.sh --nproc 2 -- --config tiny     # N processes (CPU: gloo)
+  hostfile           launch/pretrain.sh --hostfile hosts.txt -- --config b32
+                     (pdsh/ssh from this node to every host in the file: "host slots=8")
+  scheduler, 1 node  launch/pretrain.sh --node-rank "$NODE_RANK" --nnodes "$NNODES" \
+                       --master-addr "$MASTER_ADDR" -- --config b32
+                     (run once on every node, e.g. from srun or a Kubernetes pod; no ssh).
+                     Under SLURM the node rank, node count and master address are read
+                     from SLURM_NODEID, SLURM_NNODES and the first host of SLURM_JOB_NODELIST.
+                     SIGTERM/SIGINT are passed on to the launcher's process group (the ranks
+                     checkpoint and stop); the exit status is the launcher's.
+
+Options:
+  --nproc N          processes per node (default: the node's GPUs, or 2 on a CPU machine)
+  --hostfile FILE    hostfile mode
+  --node-rank R      scheduler mode: this node's rank (0 .. NNODES-1)
+  --nnodes N         scheduler mode: number of nodes
+  --master-addr A    address of node 0 (scheduler mode; optional with --hostfile)
+  --master-port P    rendezvous port (default $MASTER_PORT or 29500)
+  --python PATH      python with deepspeed (default $VIP_PYTHON or this repo's .venv/bin/python)
+  --dry-run          print the command that would run (one line, shell-quoted) and exit
+  -h, --help         print this text and exit
+EOF
+}
+
+die() { echo "pretrain.sh: $*" >&2; exit 2; }
+# the value of option $1 is $2: it must be there and must not be the next option or `--`
+need_value() { [[ $# -ge 2 && "$2" != --* ]] || die "$1 needs a value (see --help)"; }
+# int_opt VAR NAME VALUE MIN [MAX]: VAR=VALUE when it is a decimal integer in range, else exit 2
+int_opt() {
+  local v="$3"
+  [[ "$v" =~ ^[0-9]{1,9}$ ]] || die "$2 needs an integer, got '$v'"
+  v=$((10#$v))                                  # no octal surprises from leading zeros
+  (( v >= $4 )) || die "$2 must be at least $4, got $v"
+  [[ -z "${5:-}" ]] || (( v <= $5 )) || die "$2 must be at most $5, got $v"
+  printf -v "$1" '%d' "$v"
+}
+
 REPO="$(cd "$(dirname "$0")/.." && pwd)"     # paths in the config stay relative to the caller's cwd
 
 NPROC="" HOSTFILE="" NODE_RANK="" NNODES="" MASTER_ADDR_OPT="" MASTER_PORT_OPT="${MASTER_PORT:-29500}"
-PY="${VIP_PYTHON:-$REPO/.venv/bin/python}"
+PY="${VIP_PYTHON:-$REPO/.venv/bin/python}" DRY_RUN=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --nproc) NPROC="$2"; shift 2 ;;
-    --hostfile) HOSTFILE="$2"; shift 2 ;;
-    --node-rank) NODE_RANK="$2"; shift 2 ;;
-    --nnodes) NNODES="$2"; shift 2 ;;
-    --master-addr) MASTER_ADDR_OPT="$2"; shift 2 ;;
-    --master-port) MASTER_PORT_OPT="$2"; shift 2 ;;
-    --python) PY="$2"; shift 2 ;;
+    --nproc) need_value "$@"; int_opt NPROC "$1" "$2" 1; shift 2 ;;
+    --hostfile) need_value "$@"; HOSTFILE="$2"; shift 2 ;;
+    --node-rank) need_value "$@"; int_opt NODE_RANK "$1" "$2" 0; shift 2 ;;
+    --nnodes) need_value "$@"; int_opt NNODES "$1" "$2" 1; shift 2 ;;
+    --master-addr) need_value "$@"; MASTER_ADDR_OPT="$2"; shift 2 ;;
+    --master-port) need_value "$@"; int_opt MASTER_PORT_OPT "$1" "$2" 1 65535; shift 2 ;;
+    --python) need_value "$@"; PY="$2"; shift 2 ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    -h|--help) usage; exit 0 ;;
     --) shift; break ;;
-    -h|--help) sed -n 2,22p "$0"; exit 0 ;;
-    *) break ;;
+    -*) die "unknown option $1 (the trainer's arguments go after \`--\`; see --help)" ;;
+    *) die "unexpected argument '$1': put the trainer's arguments after \`--\` (see --help)" ;;
   esac
 done
+int_opt MASTER_PORT_OPT "--master-port (or \$MASTER_PORT)" "$MASTER_PORT_OPT" 1 65535
 
 # SLURM: one launcher per node, positions from the environment
 if [[ -z "$NODE_RANK" && -n "${SLURM_JOB_ID:-}" && "${SLURM_NNODES:-1}" -gt 1 ]]; then
@@ -51,19 +85,56 @@ fi
 NPROC="${NPROC:-$([[ "$GPUS" -gt 0 ]] && echo "$GPUS" || echo 2)}"
 DS=("$PY" -m deepspeed.launcher.runner --master_port "$MASTER_PORT_OPT")
 
+# print the command instead of running it (--dry-run)
+show() { local q; printf -v q '%q ' "$@"; echo "${q% }"; }
+
 if [[ -n "$NODE_RANK" ]]; then
-  [[ -n "$NNODES" && -n "$MASTER_ADDR_OPT" ]] || { echo "--node-rank needs --nnodes and --master-addr" >&2; exit 2; }
+  [[ -n "$NNODES" && -n "$MASTER_ADDR_OPT" ]] || die "--node-rank needs --nnodes and --master-addr"
+  (( NODE_RANK < NNODES )) || die "--node-rank $NODE_RANK is not below --nnodes $NNODES"
   # every node runs this same line; a throwaway hostfile names the nodes for the launcher
-  HF=$(mktemp); for i in $(seq 0 $((NNODES - 1))); do echo "node$i slots=$NPROC" >> "$HF"; done
+  if [[ "$DRY_RUN" == 1 ]]; then
+    HF="${TMPDIR:-/tmp}/vip-hostfile.XXXXXX"     # what mktemp would make; nothing is written
+  else
+    HF=$(mktemp "${TMPDIR:-/tmp}/vip-hostfile.XXXXXX")
+    trap 'rm -f "$HF"' EXIT
+    for ((i = 0; i < NNODES; i++)); do echo "node$i slots=$NPROC"; done > "$HF"
+  fi
   DS+=(--hostfile "$HF" --no_ssh --node_rank "$NODE_RANK" --num_nodes "$NNODES" --num_gpus "$NPROC"
-       --master_addr "$MASTER_ADDR_OPT")
+       --master_addr "$MASTER_ADDR_OPT" --module vip.train "$@")
+  [[ "$DRY_RUN" == 0 ]] || { show "${DS[@]}"; exit 0; }
+  # not exec: the hostfile is removed when the launcher ends. The launcher runs in its own process
+  # group (set -m) so that a SIGTERM/SIGINT sent to this script (preemption, Ctrl-C) can be passed
+  # on to all of it, ranks included; this script then waits for that group to finish.
+  set -m
+  "${DS[@]}" &
+  CHILD=$!
+  set +m
+  SIGNALLED=0 FORWARDED=0
+  forward() { SIGNALLED=1 FORWARDED=1; kill -"$1" -- "-$CHILD" 2>/dev/null || true; }
+  trap 'forward TERM' TERM
+  trap 'forward INT' INT
+  trap 'forward HUP' HUP
+  while :; do
+    FORWARDED=0
+    rc=0; wait "$CHILD" || rc=$?
+    # a trapped signal interrupts `wait` (status > 128): wait again for the launcher itself
+    (( FORWARDED && rc > 128 )) || break
+  done
+  # after a signal the ranks may still be checkpointing when the launcher is gone: wait for them
+  if (( SIGNALLED )); then
+    while kill -0 -- "-$CHILD" 2>/dev/null; do sleep 0.5; done
+  fi
+  exit "$rc"
 elif [[ -n "$HOSTFILE" ]]; then
   DS+=(--hostfile "$HOSTFILE" ${MASTER_ADDR_OPT:+--master_addr "$MASTER_ADDR_OPT"})
 else
   # one node: start deepspeed's per-node launcher directly (what the runner would run; one
-  # interpreter start less)
-  WORLD_INFO=$("$PY" -c "import base64, json, sys; n = int(sys.argv[1]); print(base64.urlsafe_b64encode(json.dumps({'localhost': list(range(n))}).encode()).decode())" "$NPROC")
+  # interpreter start less). world_info is base64url(json.dumps({"localhost": [0, …, N-1]})).
+  RANKS=""; for ((i = 0; i < NPROC; i++)); do RANKS+="${RANKS:+, }$i"; done
+  WORLD_INFO=$(printf '{"localhost": [%s]}' "$RANKS" | base64 | tr -d '\n' | tr '+/' '-_')
   DS=("$PY" -u -m deepspeed.launcher.launch --world_info="$WORLD_INFO" --master_addr=127.0.0.1
       --master_port="$MASTER_PORT_OPT")
 fi
-exec "${DS[@]}" --module vip.train "$@"
+DS+=(--module vip.train "$@")
+[[ "$DRY_RUN" == 0 ]] || { show "${DS[@]}"; exit 0; }
+exec "${DS[@]}"

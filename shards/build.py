@@ -19,11 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import yaml
+
+from shards.atomic import atomic_path, write_json, write_text
 from shards.encode import ClipError, StoredFormat, cut_clip, open_source
 from shards.keys import shard_name
 from shards.metadata import ClipRecord, SkipLog, chunk, iter_clips, load_subtitles
 from shards.writer import ShardWriter
-from vip.config import ShardBuildConfig
+from shards.config import ShardBuildConfig
 
 log = logging.getLogger(__name__)
 PARTS = "_parts"
@@ -110,20 +113,13 @@ def build_one_shard(task: ShardTask) -> ShardResult:
             res.written, res.bytes = writer.count, writer.bytes
             res.skips = skips.to_dict()
             # the part record lands before the tar is renamed into place: tar present ⇒ part present
-            _write_json_atomic(part_path(out, task.index), {"rows": rows, "skips": res.skips})
+            write_json(part_path(out, task.index), {"rows": rows, "skips": res.skips})
     except Exception as e:
         log.error("shard %d failed: %s: %s", task.index, type(e).__name__, e)
         res.error = f"{type(e).__name__}: {e}"
         res.skips = skips.to_dict()
     res.seconds = time.perf_counter() - t0
     return res
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -225,8 +221,7 @@ def build_shards(cfg: ShardBuildConfig) -> BuildSummary:
     t0 = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    from vip.config import save_config
-    save_config(cfg, out / "build_config.yaml")
+    write_text(out / "build_config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     summary = BuildSummary()
     pool = _RayPool(cfg.ray_address, cfg.workers) if cfg.ray_address else _LocalPool(cfg.workers)
     pending: dict = {}
@@ -294,9 +289,8 @@ def merge_manifest(out: str | Path) -> dict:
                         ("video_id", pa.string()), ("duration", pa.float64()), ("num_frames", pa.int32()),
                         ("bytes", pa.int64()), ("truncated", pa.bool_())])
     table = pa.Table.from_pylist(rows, schema=schema)
-    tmp = out / ".manifest.parquet.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, out / "manifest.parquet")
+    with atomic_path(out / "manifest.parquet") as tmp:
+        pq.write_table(table, tmp)
     index = {"num_samples": len(rows), "shards": shards}
-    _write_json_atomic(out / "shards.json", index)
+    write_json(out / "shards.json", index)
     return index

@@ -16,7 +16,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from vip.config import ShardBuildConfig
+from shards.config import ShardBuildConfig
 
 
 class ClipError(Exception):

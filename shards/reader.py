@@ -1,4 +1,4 @@
-"""Streaming reader: shards → training batches (DESIGN.md §3), exactly resumable.
+"""Streaming reader: shards → training batches (docs/architecture.md, "Batches"), exactly resumable.
 
 The chain of small picklable stages, per DataLoader worker:
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import io
 import json
 import logging
 import math
@@ -38,10 +37,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards.captions import read_sidecar, sidecar_path
+from shards.config import DataConfig
 from shards.plan import Position, RankPlan, ShardSet
 from shards.tarindex import TarReader, index_tar
-from shards.video import center_crop, decode_frames, output_size, sample_indices
-from vip.config import DataConfig
+from shards.video import decode_frames, decode_jpeg, sample_indices
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +65,31 @@ def load_shardset(root: str | Path) -> ShardSet:
     if not names:
         raise FileNotFoundError(f"no shards in {root} (expected shards.json or shard-*.tar)")
     return ShardSet(root=str(root), names=names, counts=counts)
+
+
+def stored_aspect(root: str | Path) -> str | None:
+    """The `aspect` the shard set was built with (`build_config.yaml`, written by the builder):
+    "square" or "keep"; None when the folder has no readable build record (older shard sets)."""
+    path = Path(root) / "build_config.yaml"
+    if not path.is_file():
+        return None
+    import yaml
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        log.warning("%s: unreadable (%s): the stored aspect is not checked at open time", path, e)
+        return None
+    aspect = data.get("aspect") if isinstance(data, dict) else None
+    return aspect if isinstance(aspect, str) else None
+
+
+def check_resize(root: str | Path, resize: str) -> None:
+    """Refuse, before any sample is read, a read mode the stored clips cannot give: square-stored
+    clips (build.aspect=square) are already squashed, so a crop would crop a distorted image."""
+    if resize == "crop" and stored_aspect(root) == "square":
+        raise ValueError(f"shards in {root} were built with build.aspect=square (clips already squashed "
+                         f"to short_side²), so they cannot be read with data.resize=crop: read them with "
+                         f"data.resize=squash, or rebuild them with build.aspect=keep")
 
 
 # --------------------------------------------------------------------------- stages
@@ -126,8 +150,9 @@ def normalise_pixels(pixels: torch.Tensor, device: torch.device | str | None = N
 
 
 def to_model_input(batch: dict, device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict:
-    """A worker batch (uint8 pixels) → DESIGN.md §3 tensors on `device`: pixels normalised there in
-    `dtype`, the other tensors moved; each tensor crosses to the device once."""
+    """A worker batch (uint8 pixels) → the model's input tensors (docs/architecture.md, "Batches")
+    on `device`: pixels normalised there in `dtype`, the other tensors moved; each tensor crosses
+    to the device once."""
     pixels = {"video", "frame"}
     out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k not in pixels else v
            for k, v in batch.items()}
@@ -147,17 +172,6 @@ def normalise(frames: np.ndarray) -> torch.Tensor:
     return out.mul_(_SCALE).add_(_SHIFT)
 
 
-def decode_jpeg(data: bytes, size: int, resize: str) -> np.ndarray:
-    """JPEG → uint8 [size, size, 3] (squash or short-side resize + centre crop)."""
-    from PIL import Image
-    img = Image.open(io.BytesIO(data))
-    img.draft("RGB", (size, size))  # let libjpeg decode at a reduced scale when it can
-    img = img.convert("RGB")
-    w, h = output_size(img.width, img.height, size, resize)
-    arr = np.asarray(img.resize((w, h), Image.BILINEAR))
-    return center_crop(arr, size) if resize == "crop" else arr
-
-
 class SampleError(Exception):
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
@@ -174,7 +188,7 @@ class ClipStream(IterableDataset):
     """Batches for one rank; DataLoader worker w yields batches w, w+W, … of the rank's stream.
 
     Its batches carry raw pixels (`video` uint8 [B, T, H, W, 3], `frame` uint8 [B, H, W, 3]);
-    `StreamLoader` turns them into the model's input (DESIGN.md §3) where the model runs."""
+    `StreamLoader` turns them into the model's input (docs/architecture.md, "Batches") where the model runs."""
 
     def __init__(self, cfg: DataConfig, shards: ShardSet, rank: int = 0, world: int = 1,
                  start: Position = Position()):
@@ -214,7 +228,7 @@ class ClipStream(IterableDataset):
             jpg = shard.reader.read(key, "jpg")
         except (KeyError, EOFError, UnicodeDecodeError, json.JSONDecodeError, OSError) as e:
             raise SampleError("corrupt_member", f"{key}: {e}") from None
-        if cfg.resize == "crop" and meta.get("aspect") == "square":
+        if cfg.resize == "crop" and meta.get("aspect") == "square":   # shards without build_config.yaml
             raise ValueError(f"{key}: clips stored square (build.aspect=square) were already squashed; "
                              "data.resize=crop would crop a distorted image: use data.resize=squash")
         rng = np.random.default_rng([cfg.seed, epoch, 7, sid, idx])
@@ -294,7 +308,7 @@ def _worker_init(_: int) -> None:
 class StreamLoader:
     """Iterates a rank's batches through a DataLoader; tracks and restores the stream position.
 
-    Batches follow DESIGN.md §3 (`video` [B, T, 3, H, W] and `frame` [B, 3, H, W] CLIP-normalised)
+    Batches follow docs/architecture.md, "Batches" (`video` [B, T, 3, H, W] and `frame` [B, 3, H, W] CLIP-normalised)
     on `device` (default: CPU) with pixels in `dtype`; workers send uint8 and the normalisation
     runs on that device. state_dict() → {"epoch", "offset", "batches", ...}: small, stored in
     checkpoints. Also counts read-time problems by reason (`events`) and the time spent waiting.
@@ -307,6 +321,7 @@ class StreamLoader:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
         self.shards = shards or load_shardset(cfg.shards)
+        check_resize(self.shards.root, cfg.resize)   # at open time, not on every sample
         self.position = Position()
         self.batches = 0
         self.events: collections.Counter = collections.Counter()

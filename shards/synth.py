@@ -25,7 +25,8 @@ from pathlib import Path
 import av
 import numpy as np
 
-from vip.config import SynthConfig
+from shards.atomic import atomic_path
+from shards.config import SynthConfig
 
 log = logging.getLogger(__name__)
 
@@ -191,9 +192,8 @@ def render_frame(plan: ClipPlan | None, t: float, width: int, height: int,
 
 def write_video(path: Path, clips: list[ClipPlan], duration: float, cfg: SynthConfig) -> int:
     """Encode the source video with libx264; returns the number of frames."""
-    tmp = path.with_name(path.name + ".part")
     n_frames = int(round(duration * cfg.fps))
-    with av.open(str(tmp), mode="w", format="mp4") as container:
+    with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=cfg.fps)
         stream.width, stream.height, stream.pix_fmt = cfg.width, cfg.height, "yuv420p"
         stream.options = {"crf": str(cfg.crf), "preset": cfg.preset}
@@ -208,7 +208,6 @@ def write_video(path: Path, clips: list[ClipPlan], duration: float, cfg: SynthCo
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    tmp.replace(path)
     return n_frames
 
 

@@ -70,6 +70,11 @@ class TarReader:
         self._f = open(path, "rb") if os.path.exists(path) else None
         self._size = os.path.getsize(path) if self._f else 0
 
+    @property
+    def is_open(self) -> bool:
+        """False when the tar did not exist when opened (or after close)."""
+        return self._f is not None
+
     def read(self, key: str, ext: str) -> bytes:
         loc = self.index.members.get(key, {}).get(ext)
         if loc is None:

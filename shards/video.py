@@ -56,6 +56,23 @@ def center_crop(arr: np.ndarray, size: int) -> np.ndarray:
     return arr[..., top:top + size, left:left + size, :]
 
 
+def decode_jpeg(data: bytes, size: int, resize: str = "squash", resample: str = "bilinear") -> np.ndarray:
+    """JPEG bytes → uint8 [size, size, 3]: squash to size², or short side → size + centre crop.
+
+    Only JPEG is accepted (anything else raises ValueError). libjpeg's DCT scaling decodes big
+    frames at a reduced size first; `convert` forces the full decode, so corrupt or truncated
+    data raises here rather than later. resample: bilinear (reader) | bicubic (captioners)."""
+    from PIL import Image
+    img = Image.open(io.BytesIO(data))
+    if img.format != "JPEG":
+        raise ValueError(f"not a JPEG ({img.format})")
+    img.draft("RGB", (size, size))
+    img = img.convert("RGB")
+    w, h = output_size(img.width, img.height, size, resize)
+    arr = np.asarray(img.resize((w, h), {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[resample]))
+    return np.ascontiguousarray(center_crop(arr, size)) if resize == "crop" else arr
+
+
 def decode_frames(mp4: bytes, indices: np.ndarray, size: int, resize: str = "squash",
                   fps: float | None = None, keyframe_interval: int | None = None,
                   threads: int = 1) -> np.ndarray:

@@ -3,12 +3,14 @@ renamed to `shard-%06d.tar` only once complete, so a partial shard is never
 visible under its final name."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import tarfile
 from pathlib import Path
 
+from shards.atomic import atomic_path
 from shards.keys import is_safe_key
 
 ALLOWED_EXTS = ("mp4", "jpg", "json", "txt")
@@ -19,12 +21,12 @@ class ShardWriter:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         self.count = 0
         self.bytes = 0
 
     def __enter__(self) -> "ShardWriter":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._stack = contextlib.ExitStack()
+        self.tmp = self._stack.enter_context(atomic_path(self.path, fsync=True))
         self._f = open(self.tmp, "wb")
         # ustar keeps every header 512 bytes (keys are ≤ 96 chars), deterministic output
         self._tar = tarfile.open(fileobj=self._f, mode="w", format=tarfile.USTAR_FORMAT)
@@ -50,11 +52,9 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             self._tar.close()
-            self._f.flush()
-            os.fsync(self._f.fileno())
+        except BaseException as e:          # a failed close is a failed shard: never published
+            exc_type, exc, tb = type(e), e, e.__traceback__
+            raise
         finally:
             self._f.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
+            self._stack.__exit__(exc_type, exc, tb)   # publish the shard, or remove the partial file

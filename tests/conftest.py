@@ -1,7 +1,10 @@
-"""Shared fixtures: a small synthetic corpus with real h264 and shards built from it."""
+"""Shared fixtures. Test modules never import each other (nor this file): everything they share
+is a fixture here — small configs, a synthetic corpus with real h264 and shards built from it,
+a tiny exported model, a folder of short videos, free ports on 127.0.0.1."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import pytest
@@ -9,32 +12,97 @@ import pytest
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from vip.config import DataConfig, ShardBuildConfig, SynthConfig  # noqa: E402
+from vip.config import DataConfig, ModelConfig, ShardBuildConfig, SynthConfig  # noqa: E402
+
+TINY = ModelConfig(arch="vip-tiny", num_proxies=2, max_frames=4)
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (220, 220, 30)}
 
 
-def small_synth(out) -> SynthConfig:
+def _small_synth(out) -> SynthConfig:
     return SynthConfig(out=str(out), num_videos=4, clips_per_video=3, clip_seconds=2.0, gap_seconds=0.5,
                        width=192, height=108, fps=30, seed=1)
 
 
-def small_build(synth_dir, out, **kw) -> ShardBuildConfig:
+def _small_build(synth_dir, out, **kw) -> ShardBuildConfig:
     base = ShardBuildConfig(metadata=f"{synth_dir}/metadata.jsonl", subtitles=f"{synth_dir}/subtitles.jsonl",
                             videos=f"{synth_dir}/videos", out=str(out), clips_per_shard=2, fps=8.0,
                             short_side=64, keyframe_interval=4, frame_short_side=64, workers=2)
     return dataclasses.replace(base, **kw)
 
 
-def small_data(shards, **kw) -> DataConfig:
+def _small_data(shards, **kw) -> DataConfig:
     base = DataConfig(shards=str(shards), num_frames=4, image_size=32, batch_size=3, num_workers=0,
                       shuffle_shards=2, seed=3, context_length=32)
     return dataclasses.replace(base, **kw)
 
 
+def _write_video(path, colour, n=10, w=80, h=48, fps=10, fmt="mp4"):
+    """A square of `colour` (a name in COLOURS) moving right on a dark background (libx264)."""
+    import av
+    import numpy as np
+    with av.open(str(path), mode="w", format=fmt) as c:
+        s = c.add_stream("libx264", rate=fps)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        for i in range(n):
+            img = np.full((h, w, 3), 20, np.uint8)
+            x = 4 + i * 5
+            img[16:32, x:x + 16] = COLOURS[colour]
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+# --------------------------------------------------------------------------- factories and constants
+@pytest.fixture(scope="session")
+def small_synth():
+    """small_synth(out) → SynthConfig of 4 tiny videos × 3 clips."""
+    return _small_synth
+
+
+@pytest.fixture(scope="session")
+def small_build():
+    """small_build(synth_dir, out, **overrides) → ShardBuildConfig (2 clips per shard, 64 px)."""
+    return _small_build
+
+
+@pytest.fixture(scope="session")
+def small_data():
+    """small_data(shards, **overrides) → DataConfig (4 frames at 32², batch 3, no workers)."""
+    return _small_data
+
+
+@pytest.fixture(scope="session")
+def tiny_model_cfg() -> ModelConfig:
+    """The tiny random-weight CLIP-ViP config (2 proxies, 4 temporal rows)."""
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def palette() -> dict:
+    """Colour name → RGB of the squares `write_video` draws."""
+    return dict(COLOURS)
+
+
+@pytest.fixture(scope="session")
+def write_video():
+    """write_video(path, colour, n=10, w=80, h=48, fps=10, fmt="mp4"): a moving square, real h264."""
+    return _write_video
+
+
+@pytest.fixture
+def free_port():
+    """free_port() → a TCP port free on 127.0.0.1 now (chosen at run time, never hard-coded)."""
+    from vip.train.runtime import free_port as _free
+    return _free
+
+
+# --------------------------------------------------------------------------- data
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     from shards.synth import make_corpus
     out = tmp_path_factory.mktemp("synth")
-    make_corpus(small_synth(out))
+    make_corpus(_small_synth(out))
     return out
 
 
@@ -43,6 +111,41 @@ def shard_dir(corpus, tmp_path_factory):
     """12 clips in 6 shards of 2 (built with 2 local processes)."""
     from shards.build import build_shards
     out = tmp_path_factory.mktemp("shards")
-    summary = build_shards(small_build(corpus, out))
+    summary = build_shards(_small_build(corpus, out))
     assert summary.shards_failed == 0 and summary.clips_written == 12, summary.table()
     return out
+
+
+@pytest.fixture(scope="session")
+def video_set(tmp_path_factory):
+    """Four short videos (mp4, no extension, mkv), one corrupt file, annotations with a repeated
+    id, a two-caption clip and a missing clip."""
+    d = tmp_path_factory.mktemp("evalvideos")
+    vids = d / "videos"
+    vids.mkdir()
+    _write_video(vids / "v0.mp4", "red", n=10)
+    _write_video(vids / "v1.mp4", "green", n=7)
+    _write_video(vids / "v2", "blue", n=13)                 # no extension
+    _write_video(vids / "v3.mkv", "yellow", n=9, fmt="matroska")
+    (vids / "bad.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video" * 4)
+    ann = d / "ann.jsonl"
+    rows = [{"clip_id": "v0", "text": "a red square moves right"},
+            {"clip_id": "v1", "text": ["a green square", "green box moving"]},   # two captions
+            {"clip_id": "v2", "text": "a blue square"},
+            {"clip_id": "bad", "text": ["corrupt", "still corrupt"]},
+            {"clip_id": "v3", "text": "yellow square"},
+            {"clip_id": "v0", "text": "red thing"},                                 # repeated id: merged
+            {"clip_id": "gone", "text": "missing file"}]
+    ann.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """An exported tiny random-weight model (vip.load-able folder), seed 0."""
+    import torch
+
+    from vip.model import build_model
+    from vip.model.convert import export
+    torch.manual_seed(0)
+    return export(build_model(TINY), TINY, tmp_path_factory.mktemp("export") / "tiny")

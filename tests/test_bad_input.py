@@ -9,7 +9,6 @@ import pytest
 
 from shards.build import build_shards
 from shards.reader import StreamLoader
-from tests.conftest import small_build, small_data
 
 
 def _audio_only_mp4(path):
@@ -26,7 +25,7 @@ def _audio_only_mp4(path):
 
 
 @pytest.fixture(scope="module")
-def bad_build(corpus, tmp_path_factory):
+def bad_build(corpus, small_build, tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     vids = root / "videos"
     shutil.copytree(corpus / "videos", vids)
@@ -85,7 +84,7 @@ def test_each_bad_input_is_counted(bad_build):
     assert "skipped: missing_video | 1" in table and "clips/s" in table
 
 
-def test_short_clip_is_padded_and_counted(bad_build):
+def test_short_clip_is_padded_and_counted(bad_build, small_data):
     summary, good, root = bad_build
     loader = StreamLoader(small_data(root / "shards", num_frames=6, train=False, batch_size=4))
     keys = []
@@ -96,7 +95,7 @@ def test_short_clip_is_padded_and_counted(bad_build):
     assert loader.events == {"short_clip_padded": 1}
 
 
-def test_corrupt_members_at_read_time(shard_dir, tmp_path):
+def test_corrupt_members_at_read_time(shard_dir, small_data, tmp_path):
     """A garbled mp4 member and a truncated tar cost only their own samples."""
     import tarfile
     out = tmp_path / "shards"
@@ -117,7 +116,7 @@ def test_corrupt_members_at_read_time(shard_dir, tmp_path):
     assert 2 <= lost <= 3 and len(keys) == 12 - lost and len(set(keys)) == len(keys)
 
 
-def test_shards_are_never_unpickled(shard_dir, tmp_path):
+def test_shards_are_never_unpickled(shard_dir, small_data, tmp_path):
     """Unknown members (a pickle that would run code) are never read, let alone unpickled."""
     import pickle
     import tarfile

@@ -8,7 +8,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from shards.build import build_shards, is_done
-from tests.conftest import small_build
 
 REQUIRED = {"clip_id", "video_id", "span", "subtitle", "fps", "num_frames", "width", "height", "duration"}
 
@@ -50,7 +49,7 @@ def test_build_outputs(shard_dir, corpus):
             assert min(img.size) == 64
 
 
-def test_rerun_skips_done_and_rebuilds_missing(shard_dir, corpus, tmp_path):
+def test_rerun_skips_done_and_rebuilds_missing(shard_dir, corpus, small_build, tmp_path):
     import shutil
     out = tmp_path / "copy"
     shutil.copytree(shard_dir, out)
@@ -68,7 +67,7 @@ def test_rerun_skips_done_and_rebuilds_missing(shard_dir, corpus, tmp_path):
     assert len(pq.read_table(out / "manifest.parquet")) == 12
 
 
-def test_interrupted_shard_is_never_visible(corpus, tmp_path, monkeypatch):
+def test_interrupted_shard_is_never_visible(corpus, small_build, tmp_path, monkeypatch):
     """A worker killed mid-shard leaves no shard under its final name; the re-run completes it."""
     import shards.build as build
 
@@ -93,7 +92,7 @@ def test_interrupted_shard_is_never_visible(corpus, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_build_over_local_ray(corpus, tmp_path, shard_dir):
+def test_build_over_local_ray(corpus, small_build, tmp_path, shard_dir):
     """The same build over Ray tasks (a private Ray on 127.0.0.1) gives byte-identical shards."""
     ray = pytest.importorskip("ray")
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -130,17 +129,17 @@ def test_source_keyframes_do_not_leak_into_stored_gop(tmp_path):
     assert clip.num_frames == 36 and keys == [0, 8, 16, 24, 32]
 
 
-def test_square_and_keep_storage_give_the_same_training_pixels(corpus, shard_dir, tmp_path):
+def test_square_and_keep_storage_give_the_same_training_pixels(corpus, shard_dir, small_build, small_data,
+                                                                  tmp_path):
     """build.aspect=square (the default) stores the reader's squash resize: clips are short_side² (fewer
     pixels to decode), the middle JPEG keeps its aspect, a squash read matches keep-aspect shards' up
-    to codec noise, and a crop read fails with a clear error rather than cropping distorted frames;
-    keep-aspect shards read with crop."""
+    to codec noise, and opening them for a crop read fails with a clear error rather than cropping
+    distorted frames; keep-aspect shards read with crop."""
     import dataclasses
 
     import torch
 
     from shards.reader import StreamLoader
-    from tests.conftest import small_data
     out, keep_dir = shard_dir, tmp_path / "keep"                                  # shard_dir: the default
     summary = build_shards(small_build(corpus, keep_dir, aspect="keep"))
     assert summary.clips_written == 12
@@ -160,8 +159,8 @@ def test_square_and_keep_storage_give_the_same_training_pixels(corpus, shard_dir
     diff = (sq["video"] - keep["video"]).abs().mean().item()                      # normalised units
     assert diff < 0.03, diff                                                      # measured 0.011 (~1 of 255 levels)
     assert not torch.equal(sq["video"], keep["video"])                            # really another decode
-    with pytest.raises(Exception, match="resize=crop"):
-        next(iter(StreamLoader(dataclasses.replace(cfg, resize="crop"))))
+    with pytest.raises(ValueError, match="resize=crop"):                          # refused at open
+        StreamLoader(dataclasses.replace(cfg, resize="crop"))
     crop = next(iter(StreamLoader(dataclasses.replace(cfg, shards=str(keep_dir), resize="crop"))))
     assert crop["video"].shape == keep["video"].shape
     with pytest.raises(ValueError, match="aspect"):

@@ -1,4 +1,4 @@
-"""Captioning (DESIGN.md §7): captioners, the Ray job, fault tolerance, sidecars, reader integration,
+"""Captioning (docs/captioning.md): captioners, the Ray job, fault tolerance, sidecars, reader integration,
 and `launch/caption.sh`. Tiny random-weight models built here and loaded from local folders; every Ray
 listener on 127.0.0.1; one in-process Ray cluster shared by the module."""
 from __future__ import annotations
@@ -25,7 +25,6 @@ from captioning.tiny import make_tiny_blip, make_tiny_coca
 from shards.captions import sidecar_path
 from shards.reader import StreamLoader, load_shardset
 from shards.tarindex import index_tar
-from tests.conftest import small_data
 from vip.config import CaptionConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,12 +91,6 @@ def assert_exactly_once(shards, out, allow_errors: dict | None = None) -> list[d
     return rows
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --------------------------------------------------------------------------- captioners (no Ray)
 def test_coca_captioner_batches_and_provenance(tiny_coca):
     cap = build_captioner(CaptionConfig(model=tiny_coca, pretrained=None, decoding="greedy", max_tokens=6,
@@ -161,12 +154,27 @@ def test_load_chunk_reads_jpegs_from_tar(shard_dir, tmp_path):
     assert meta["fatal"].startswith("shard_unreadable") and imgs.shape[0] == 0
 
 
-def test_module_cli_overrides_and_errors(tmp_path, caplog):
-    """`python -m captioning field=value` means caption.field=value; a bad config → 2; no shards → 1."""
-    from captioning.__main__ import main
-    assert main(["caption.nonexistent=1"]) == 2
-    assert main([f"shards={tmp_path / 'none'}", "num_actors=1"]) == 1
+def test_vip_caption_command_overrides_and_errors(tmp_path, caplog, capsys, monkeypatch):
+    """`vip caption --config P caption.field=value …` (also `python -m vip caption`, what
+    launch/caption.sh submits): a bad config → exit 2 before any Ray work; no shards → exit 1;
+    debug.caption_fault_exit_chunk reaches the job as its fault_exit_chunk argument."""
+    from vip.cli import main
+    assert main(["caption", "--config", "tiny", "caption.nonexistent=1"]) == 2
+    assert main(["caption", "--config", "tiny", "caption.decoding=nucleus"]) == 2
+    assert "'greedy'" in capsys.readouterr().err                      # the allowed values are named
+    assert main(["caption", "--config", "tiny", f"caption.shards={tmp_path / 'none'}", "caption.num_actors=1"]) == 1
     assert "no shards in" in caplog.text
+    import captioning.job
+    seen = {}
+
+    def fake_job(cfg, on_chunk_done=None, fault_exit_chunk=None):
+        seen.update(cfg=cfg, fault_exit_chunk=fault_exit_chunk)
+        return captioning.job.CaptionSummary(out=str(tmp_path))
+    monkeypatch.setattr(captioning.job, "run_caption_job", fake_job)
+    assert main(["caption", "--config", "tiny", f"caption.shards={tmp_path}", "caption.num_actors=3",
+                 "debug.caption_fault_exit_chunk=2"]) == 0
+    assert seen["fault_exit_chunk"] == 2 and seen["cfg"].num_actors == 3 and seen["cfg"].shards == str(tmp_path)
+    assert "| clips |" in capsys.readouterr().out                      # the summary table is printed
 
 
 # --------------------------------------------------------------------------- the Ray job
@@ -207,7 +215,7 @@ def test_job_rerun_on_finished_dataset_does_nothing(captioned, shard_dir, tiny_c
 
 
 @pytest.mark.slow
-def test_reader_joins_job_captions(captioned, shard_dir):
+def test_reader_joins_job_captions(captioned, shard_dir, small_data):
     """StreamLoader batches: has_caption True for captioned clips; caption tokens = tokenized caption."""
     import open_clip
     out, _ = captioned
@@ -229,7 +237,7 @@ def test_reader_joins_job_captions(captioned, shard_dir):
 def test_actor_that_exits_mid_job_loses_and_duplicates_nothing(ray_local, shard_dir, tiny_coca, tmp_path):
     """Fault injection: actor 0 os._exit(1)s on its 3rd chunk; the job replaces it and retries its chunks."""
     out = tmp_path / "captions"
-    s = run_caption_job(ccfg(shard_dir, out, tiny_coca, fault_exit_chunk=3, inflight_per_actor=3))
+    s = run_caption_job(ccfg(shard_dir, out, tiny_coca, inflight_per_actor=3), fault_exit_chunk=3)
     assert s.actor_restarts == 1 and s.chunk_retries >= 1
     assert s.shards_written == 6 and s.clips == 12 and s.captions == 12 and not s.failures
     assert_exactly_once(shard_dir, out)
@@ -299,13 +307,16 @@ def test_hf_captioner_job_through_vip_cli(ray_local, shard_dir, tiny_blip, tmp_p
 
 # --------------------------------------------------------------------------- ray job submit
 @pytest.mark.slow
-def test_launch_script_submits_to_a_loopback_head(shard_dir, tiny_coca, tmp_path):
+def test_launch_script_submits_to_a_loopback_head(shard_dir, tiny_coca, free_port, tmp_path):
     """launch/caption.sh: starts a head on 127.0.0.1 (own ports), `ray job submit`s the job, waits,
     and stops the head it started."""
     shards = tmp_path / "shards"
     shutil.copytree(shard_dir, shards, ignore=shutil.ignore_patterns("captions"))
     temp = tempfile.mkdtemp(prefix="vipray", dir="/tmp")  # short: Ray's socket paths are length-limited
-    ports = [free_port() for _ in range(4)]
+    ports: list[int] = []
+    while len(ports) < 4:                     # four distinct ports, chosen now
+        port = free_port()
+        ports += [port] if port not in ports else []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
     cmd = ["bash", str(REPO / "launch/caption.sh"), "--port", str(ports[0]), "--dashboard-port", str(ports[1]),
@@ -316,7 +327,7 @@ def test_launch_script_submits_to_a_loopback_head(shard_dir, tiny_coca, tmp_path
     try:
         p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
         log = p.stdout + p.stderr
-        assert p.returncode == 0, log[-4000:]
+        assert p.returncode == 0, log[-12000:]
         assert "succeeded" in log and "stopping the Ray head" in log, log[-4000:]
         assert_exactly_once(shards, shards / "captions")
         with socket.socket() as s:  # the head it started is gone (its dashboard port is free again)

@@ -43,3 +43,22 @@ def test_synth_build_read(tmp_path):
     # re-running the build does nothing and says so
     p = run("shards", "build", *common, cwd=tmp_path)
     assert "| shards built / already done / failed | 0 / 2 / 0 |" in p.stdout
+
+
+def test_eval_takes_overrides_and_refuses_old_flags(video_set, tiny_export, tmp_path, capsys):
+    from vip.cli import main
+    out = tmp_path / "cli.json"
+    rc = main(["eval", "--config", "tiny", f"eval.model={tiny_export}", f"eval.annotations={video_set / 'ann.jsonl'}",
+               f"eval.videos={video_set / 'videos'}", f"eval.out={out}", "eval.num_frames=2", "eval.paragraph=true",
+               "eval.device=cpu"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["num_frames"] == 2 and res["paragraph"] and res["texts"] == res["videos"] == 4
+    printed = capsys.readouterr().out
+    assert "| t2v_R@1" in printed and f"| {Path(tiny_export).name} +DSL |" in printed
+    # a missing option names the override to set (exit 2, no traceback)
+    assert main(["eval", f"eval.model={tiny_export}", f"eval.videos={video_set / 'videos'}"]) == 2
+    assert "set eval.annotations=" in capsys.readouterr().err
+    # the old flags are gone: the console command refuses them and names the override
+    old = run("eval", "--model", str(tiny_export), "--annotations", str(video_set / "ann.jsonl"), cwd=tmp_path)
+    assert old.returncode == 2 and "--model → eval.model=" in old.stderr and "Traceback" not in old.stderr

@@ -56,3 +56,71 @@ def test_yaml_preset_file(tmp_path):
     cfg = load_config(str(p), ["data.num_workers=0"])
     assert cfg.data.batch_size == 2 and cfg.data.num_workers == 0 and cfg.data.image_size == 64
     assert isinstance(cfg, Config) and isinstance(cfg.data, DataConfig)
+
+
+# --------------------------------------------------------------------------- choices and cross-field checks
+@pytest.mark.parametrize("override,allowed", [
+    ("loss.variant=x", ["'vs'", "'a'", "'b'", "'c'", "'d'"]),
+    ("data.resize=fill", ["'squash'", "'crop'"]),
+    ("model.video_encoder=foo", ["'vip'", "'meanpool'", "'seqtransf'", "'full'"]),
+    ("train.precision=fp8", ["'auto'", "'bf16'", "'fp16'", "'fp32'"]),
+    ("caption.decoding=nucleus", ["'auto'", "'beam'", "'greedy'", "'top_k'", "'top_p'"]),
+    ("train.zero_stage=5", ["0", "1", "2", "3"]),
+    ("build.aspect=wide", ["'square'", "'keep'"]),
+])
+def test_bad_choice_is_refused_at_load_naming_the_allowed_values(override, allowed):
+    """A value outside a field's fixed choices stops load_config (not the command minutes later),
+    and the message names the field, the bad value and every allowed one."""
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", [override])
+    msg = str(e.value)
+    field, bad = override.split("=")
+    assert field in msg and bad in msg, msg
+    for choice in allowed:
+        assert choice in msg, (choice, msg)
+
+
+def test_good_choices_keep_their_type():
+    cfg = load_config("tiny", ["train.zero_stage=2", "loss.variant=c", "caption.decoding=top_p",
+                               "data.resize=squash", "train.precision=bf16"])
+    assert cfg.train.zero_stage == 2 and isinstance(cfg.train.zero_stage, int)
+    assert (cfg.loss.variant, cfg.caption.decoding, cfg.train.precision) == ("c", "top_p", "bf16")
+
+
+def _square_crop(*more):
+    """The tiny preset (data.shards = build.out, build.aspect=square) read with data.resize=crop."""
+    import dataclasses as dc
+    cfg = load_config("tiny", list(more))
+    return dc.replace(cfg, data=dc.replace(cfg.data, resize="crop"))
+
+
+def test_cross_field_crop_of_square_shards_is_refused():
+    from vip.checks import validate_config
+    cfg = _square_crop()
+    assert cfg.data.shards == cfg.build.out and cfg.build.aspect == "square"
+    with pytest.raises(ConfigError) as e:
+        validate_config(cfg)
+    msg = str(e.value)
+    for words in ("data.resize=crop", "build.aspect=square", cfg.build.out, "data.resize=squash", "build.aspect=keep"):
+        assert words in msg, (words, msg)
+    # the same folder spelled differently is still the same folder
+    import dataclasses as dc
+    with pytest.raises(ConfigError):
+        validate_config(dc.replace(cfg, data=dc.replace(cfg.data, shards=f"./{cfg.build.out}/")))
+
+
+@pytest.mark.parametrize("more", [["build.aspect=keep"], ["data.shards=/elsewhere/shards"]])
+def test_cross_field_crop_is_fine_otherwise(more):
+    """keep-aspect shards crop fine; other shards than the ones this config builds are checked
+    by the reader when it opens them (their build_config.yaml), not here."""
+    from vip.checks import validate_config
+    validate_config(_square_crop(*more))
+    validate_config(load_config("tiny"))                 # squash + square: the default
+    validate_config(load_config("finetune"))             # the finetune section has no cross-field check
+
+
+def test_load_config_runs_the_cross_field_checks():
+    """load_config refuses the contradiction itself (vip.config calls vip.checks.validate_config)."""
+    with pytest.raises(ConfigError, match="build.aspect=square"):
+        load_config("tiny", ["data.resize=crop"])
+    assert load_config("tiny", ["data.resize=crop", "build.aspect=keep"]).data.resize == "crop"

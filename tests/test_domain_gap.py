@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from vip.analyze import domain_gap_features, kmeans, nmi, read_texts
+from vip.eval.domain_gap import domain_gap_features, kmeans, nmi, read_texts
 
 
 def test_nmi_hand_example():
@@ -40,35 +40,54 @@ def test_domain_gap_separable_and_same():
     assert near["nmi_mean"] < 0.05
 
 
-def test_read_texts_and_table(tmp_path):
+def test_read_texts_and_table(tmp_path, tiny_model_cfg):
     import torch
-    from vip.analyze import domain_gap_table
-    from vip.config import ModelConfig
-    from vip.eval.retrieval_eval import tokenizer_for
+    from vip.eval.domain_gap import domain_gap_table
     from vip.model import build_model
+    from vip.model.archs import tokenizer_for
     (tmp_path / "a.jsonl").write_text('{"text": "a red square"}\n{"text": ["one", "two"]}\n')
     (tmp_path / "b.txt").write_text("hello\n\nworld\n")
     assert read_texts(tmp_path / "a.jsonl") == ["a red square", "one", "two"]
     assert read_texts(tmp_path / "b.txt") == ["hello", "world"]
+    (tmp_path / "c.jsonl").write_text('{"q": "x"}\n')
+    assert read_texts(tmp_path / "c.jsonl", text_field="q") == ["x"]
     torch.manual_seed(0)
-    m = build_model(ModelConfig(arch="vip-tiny", num_proxies=2, max_frames=4)).eval()
+    m = build_model(tiny_model_cfg).eval()
     with torch.no_grad():
         table, rows = domain_gap_table(m, tokenizer_for("vip-tiny", m.context_length),
                                        {"A": str(tmp_path / "a.jsonl"), "B": str(tmp_path / "b.txt")}, n=4, repeats=2)
     assert "| A | B |" in table and 0 <= rows[0]["nmi_mean"] <= 1
 
 
-def test_cli_domain_gap(tmp_path, capsys):
-    import torch
-    from vip.config import ModelConfig
+def test_cli_domain_gap(tmp_path, tiny_export, capsys):
+    import json
     from vip.cli import main
-    from vip.model import build_model
-    from vip.model.convert import export
-    cfg = ModelConfig(arch="vip-tiny", num_proxies=2, max_frames=4)
-    torch.manual_seed(0)
-    exp = export(build_model(cfg), cfg, tmp_path / "m")
     (tmp_path / "a.txt").write_text("\n".join(f"a red square number {i}" for i in range(6)))
     (tmp_path / "b.txt").write_text("\n".join(f"um so yeah we talked {i}" for i in range(6)))
-    rc = main(["analyze", "domain-gap", "--model", str(exp), "--corpus", f"cap={tmp_path / 'a.txt'}",
-               "--corpus", f"asr={tmp_path / 'b.txt'}", "--n", "5", "--repeats", "2", "--out", str(tmp_path / "r.json")])
-    assert rc == 0 and "| cap | asr |" in capsys.readouterr().out
+    (tmp_path / "c.txt").write_text("\n".join(f"a blue circle number {i}" for i in range(6)))
+    common = [f"analyze.model={tiny_export}", "analyze.device=cpu", "analyze.n=5", "analyze.repeats=2"]
+    corpora = f"analyze.corpora=[cap={tmp_path / 'a.txt'},asr={tmp_path / 'b.txt'},cap2={tmp_path / 'c.txt'}]"
+    rc = main(["analyze", "domain-gap", *common, corpora, "analyze.pairs=[cap:asr,asr:cap2]",
+               f"analyze.out={tmp_path / 'r.json'}"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "| cap | asr |" in out and "| asr | cap2 |" in out and "| cap | cap2 |" not in out
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [(r["a"], r["b"]) for r in rows] == [("cap", "asr"), ("asr", "cap2")]
+
+
+def test_cli_domain_gap_errors(tmp_path, tiny_export, capsys):
+    from vip.cli import main
+    (tmp_path / "a.txt").write_text("x\n")
+    model = f"analyze.model={tiny_export}"
+    cases = [([f"analyze.corpora=[a={tmp_path / 'a.txt'}]", model], "analyze.corpora=[NAME=PATH"),
+             ([f"analyze.corpora=[a={tmp_path / 'a.txt'},b={tmp_path / 'a.txt'}]"], "analyze.model="),
+             ([f"analyze.corpora=[a={tmp_path / 'a.txt'},b]", model], "is not NAME=PATH"),
+             ([f"analyze.corpora=[a={tmp_path / 'a.txt'},b={tmp_path / 'a.txt'}]", model, "analyze.pairs=[a:c]"],
+              "analyze.pairs"),
+             ([f"analyze.corpora=[a={tmp_path / 'a.txt'},b={tmp_path / 'nope.txt'}]", model], "no such file")]
+    for args, needle in cases:
+        assert main(["analyze", "domain-gap", *args]) == 2
+        assert needle in capsys.readouterr().err, needle
+    with pytest.raises(SystemExit) as e:
+        main(["analyze", "domain-gap", "--corpus", "a=b", model])
+    assert e.value.code == 2 and "analyze.corpora" in capsys.readouterr().err

@@ -8,20 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_eval import COLOURS as _PALETTE, write_video
-
-COLOURS = list(_PALETTE)[:8]
 
 
 @pytest.mark.slow
-def test_finetune_selects_best_validation_epoch(tmp_path):
+def test_finetune_selects_best_validation_epoch(tmp_path, palette, write_video, free_port):
     from vip.config import ModelConfig
     from vip.model import build_model
     from vip.model.convert import export
     vids = tmp_path / "videos"
     vids.mkdir()
     train, val = [], []
-    for i, c in enumerate(COLOURS):
+    for i, c in enumerate(list(palette)[:8]):
         for k in range(2):
             cid = f"{c}{k}"
             write_video(vids / f"{cid}.mp4", c, n=8 + k)
@@ -33,14 +30,17 @@ def test_finetune_selects_best_validation_epoch(tmp_path):
     cfg = ModelConfig(arch="vip-tiny", num_proxies=2, max_frames=4, init_logit_scale=2.66)
     export(build_model(cfg), cfg, tmp_path / "init")
     vip = str(Path(sys.executable).parent / "vip")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_PORT": "29671"}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
+    # the finetune preset (default of `vip finetune`) + the shared optim/train/data sections
     args = [f"finetune.annotations={tmp_path}/train.jsonl", f"finetune.videos={vids}",
             f"finetune.val_annotations={tmp_path}/val.jsonl", f"finetune.init_from={tmp_path}/init",
-            f"finetune.out={tmp_path}/ft", "finetune.epochs=3", "finetune.lr=1e-3", "finetune.global_batch=4",
-            "finetune.batch_size=4", "finetune.num_frames=4", "finetune.num_workers=0",
+            f"train.out={tmp_path}/ft", "finetune.epochs=3", "optim.lr=1e-3", "train.global_batch=4",
+            "data.batch_size=4", "finetune.num_frames=4", "finetune.num_workers=1",
             "finetune.context_length=32"]
     p = subprocess.run([vip, "finetune", *args], env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    saved = (tmp_path / "ft/config.yaml").read_text()
+    assert "lr: 0.001" in saved and "weight_decay: 0.2" in saved          # preset + override, one config
     recs = [json.loads(x) for x in (tmp_path / "ft/metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in recs] == [1, 2, 3]
     sel = json.loads((tmp_path / "ft/best/selection.json").read_text())

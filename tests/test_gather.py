@@ -4,12 +4,11 @@ The encoders are a small pure-torch stand-in with CLIPViP's forward contract (im
 open_clip in every spawned rank would cost more than the test); what is under test is
 gather_features + ocl_loss + rank averaging, which only see features."""
 import os
-import socket
 
 import torch
 import torch.nn.functional as F
 
-from vip.distributed import gather_features
+from vip.train.distributed import gather_features
 
 B_GLOBAL, WORLD = 6, 2
 
@@ -78,23 +77,17 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_single_process_gather_is_identity():
     x = torch.randn(3, 4, requires_grad=True)
     assert gather_features(x) is x and gather_features(None) is None
 
 
-def test_two_rank_gradients_equal_single_process(tmp_path):
+def test_two_rank_gradients_equal_single_process(free_port, tmp_path):
     import torch.multiprocessing as mp
     model = _model()
     ref_loss = _step(model, _batch())
     ref = {n: p.grad for n, p in model.named_parameters()}
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         res = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert torch.equal(res["mask"], _batch()["has_caption"])

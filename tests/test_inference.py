@@ -5,19 +5,17 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_eval import TINY, write_video
-
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, tiny_model_cfg):
     from vip.model import build_model
     from vip.model.convert import export
     torch.manual_seed(3)
-    return export(build_model(TINY), TINY, tmp_path_factory.mktemp("inf") / "m")
+    return export(build_model(tiny_model_cfg), tiny_model_cfg, tmp_path_factory.mktemp("inf") / "m")
 
 
 @pytest.fixture(scope="module")
-def vdir(tmp_path_factory):
+def vdir(tmp_path_factory, write_video):
     d = tmp_path_factory.mktemp("infvids")
     write_video(d / "a.mp4", "red", n=9)
     write_video(d / "b.mp4", "blue", n=6)
@@ -27,9 +25,9 @@ def vdir(tmp_path_factory):
 
 def test_wrapper_matches_direct_calls(exported, vdir):
     from shards.reader import normalise
-    from vip.eval.retrieval_eval import tokenizer_for
     from vip.eval.videos import load_video
     from vip.inference import load
+    from vip.model.archs import tokenizer_for
     from vip.model.convert import load as load_model
     m = load(exported, num_frames=4)
     raw = load_model(exported)
@@ -70,17 +68,32 @@ def test_embed_folder_and_shards(exported, vdir, shard_dir, tmp_path):
     import pyarrow.parquet as pq
     from vip.cli import main
     out = tmp_path / "emb.parquet"
-    assert main(["embed", "--model", str(exported), "--videos", str(vdir), "--out", str(out),
-                 "eval.num_frames=2"]) == 0
+    assert main(["embed", f"eval.model={exported}", f"eval.videos={vdir}", f"eval.out={out}",
+                 "eval.num_frames=2", "eval.device=cpu"]) == 0
     tab = pq.read_table(out)
     assert tab.column("key").to_pylist() == ["a.mp4", "b.mp4"]           # broken.mp4 skipped
     emb = np.array(tab.column("embedding").to_pylist(), np.float32)
     assert emb.shape == (2, 64) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
     out2 = tmp_path / "shards.parquet"
-    assert main(["embed", "--model", str(exported), "--shards", str(shard_dir), "--out", str(out2),
-                 "eval.num_frames=2", "eval.batch_size=5"]) == 0
+    assert main(["embed", f"eval.model={exported}", f"eval.shards={shard_dir}", f"eval.out={out2}",
+                 "eval.num_frames=2", "eval.batch_size=5", "eval.device=cpu"]) == 0
     tab2 = pq.read_table(out2)
     assert tab2.num_rows == 12 and len(set(tab2.column("key").to_pylist())) == 12
+    # a missing input names the override to set; an old flag is refused
+    assert main(["embed", f"eval.model={exported}", f"eval.out={out2}"]) == 2
+    with pytest.raises(SystemExit) as e:
+        main(["embed", "--model", str(exported), f"eval.videos={vdir}"])
+    assert e.value.code == 2
+
+
+def test_embed_folder_matches_wrapper(exported, vdir):
+    """embed_folder goes through the eval encode loop: same features as the wrapper, failures by name."""
+    from vip.inference import embed_folder, load
+    m = load(exported, num_frames=4)
+    keys, emb, failed = embed_folder(m, vdir, batch_size=1, progress=False)
+    assert keys == ["a.mp4", "b.mp4"] and failed == {"broken.mp4": "decode_error"}
+    ref = m.encode_video([vdir / "a.mp4", vdir / "b.mp4"]).numpy()
+    np.testing.assert_allclose(emb, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_wrapper_is_drop_in_for_clipvip(exported):

@@ -63,10 +63,9 @@ def test_writer_is_atomic(tmp_path):
         assert json.loads(tf.extractfile("k1.json").read()) == {"a": 1}
 
 
-def test_build_with_hostile_clip_ids_writes_only_inside_out(corpus, tmp_path):
+def test_build_with_hostile_clip_ids_writes_only_inside_out(corpus, small_build, tmp_path):
     """Clip ids with dots, slashes and '..' become safe keys; nothing escapes the output folder."""
     from shards.build import build_shards
-    from tests.conftest import small_build
     meta_in = [json.loads(x) for x in open(corpus / "metadata.jsonl")]
     subs_in = {json.loads(x)["clip_id"]: json.loads(x)["text"] for x in open(corpus / "subtitles.jsonl")}
     v = meta_in[0]

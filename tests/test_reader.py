@@ -13,7 +13,6 @@ from shards.reader import CLIP_MEAN, CLIP_STD, StreamLoader, load_shardset
 from shards.synth import render_frame, truth_plan
 from shards.tarindex import TarReader
 from shards.video import decode_all_reference, decode_frames, sample_indices
-from tests.conftest import small_data
 
 
 def _keys(loader, n=None):
@@ -31,7 +30,7 @@ def _flat(batches):
     return [k for b in batches for k in b]
 
 
-def test_eval_epoch_reads_every_clip_once(shard_dir):
+def test_eval_epoch_reads_every_clip_once(shard_dir, small_data):
     loader = StreamLoader(small_data(shard_dir, train=False))
     keys = _flat(_keys(loader))
     manifest = {r["key"] for r in __import__("pyarrow.parquet").parquet.read_table(shard_dir / "manifest.parquet").to_pylist()}
@@ -40,7 +39,7 @@ def test_eval_epoch_reads_every_clip_once(shard_dir):
     assert keys == _flat(_keys(StreamLoader(small_data(shard_dir, train=False))))
 
 
-def test_train_epochs_are_permutations(shard_dir):
+def test_train_epochs_are_permutations(shard_dir, small_data):
     loader = StreamLoader(small_data(shard_dir, train=True, batch_size=3))
     keys = _flat(_keys(loader, n=8))   # 24 samples = 2 epochs
     e0, e1 = keys[:12], keys[12:]
@@ -55,7 +54,7 @@ def _unnormalise(x: torch.Tensor) -> np.ndarray:
     return ((x * std + mean) * 255).clamp(0, 255).movedim(-3, -1).numpy()
 
 
-def test_frames_match_the_source(shard_dir, corpus):
+def test_frames_match_the_source(shard_dir, small_data, corpus):
     """Decoded, sampled, resized frames equal the synthetic renderer's frames at the right times."""
     from PIL import Image
     truth = {t["clip_id"]: t for t in map(json.loads, open(corpus / "truth.jsonl"))}
@@ -123,7 +122,7 @@ def test_sample_indices():
     assert list(sample_indices(3, 6, False)) == [0, 0, 1, 1, 2, 2]     # short clips repeat frames
 
 
-def test_rank_split_uneven(shard_dir):
+def test_rank_split_uneven(shard_dir, small_data):
     """4 ranks over 6 shards of unequal assignment: union = all clips, pairwise disjoint."""
     shards = load_shardset(shard_dir)
     for train in (False, True):
@@ -140,13 +139,13 @@ def test_rank_split_uneven(shard_dir):
     assert len(seen) == 12 and len(set(seen)) == 12
 
 
-def test_too_few_shards_for_ranks(shard_dir):
+def test_too_few_shards_for_ranks(shard_dir, small_data):
     with pytest.raises(ValueError, match="shards for 7 ranks"):
         StreamLoader(small_data(shard_dir), rank=0, world=7).dataset()
 
 
 @pytest.mark.slow
-def test_resume_is_exact_2_ranks_2_workers(shard_dir):
+def test_resume_is_exact_2_ranks_2_workers(shard_dir, small_data):
     """Interrupt at several points; the concatenated key sequence equals the uninterrupted one."""
     cfg = small_data(shard_dir, train=True, batch_size=2, num_workers=2)
     total = 9   # 18 samples per rank = 3 epochs of that rank's 6 clips
@@ -174,7 +173,7 @@ def test_resume_is_exact_2_ranks_2_workers(shard_dir):
             assert got + rest == ref, (rank, cut)
 
 
-def test_resume_independent_of_worker_count(shard_dir):
+def test_resume_independent_of_worker_count(shard_dir, small_data):
     base = small_data(shard_dir, train=True, batch_size=2)
     ref = _keys(StreamLoader(dataclasses.replace(base, num_workers=0)), n=7)
     assert _keys(StreamLoader(dataclasses.replace(base, num_workers=2)), n=7) == ref
@@ -185,7 +184,7 @@ def test_resume_independent_of_worker_count(shard_dir):
     assert head + _keys(second, n=4) == ref
 
 
-def test_resume_does_not_reread_consumed_samples(shard_dir, monkeypatch):
+def test_resume_does_not_reread_consumed_samples(shard_dir, small_data, monkeypatch):
     """Resuming deep into the stream reads only the samples it then yields."""
     cfg = small_data(shard_dir, train=True, batch_size=2, num_workers=0)
     ref = _flat(_keys(StreamLoader(cfg), n=20))           # 40 samples: into the 4th epoch
@@ -203,7 +202,7 @@ def test_resume_does_not_reread_consumed_samples(shard_dir, monkeypatch):
     assert set(reads) == set(got) and len(reads) == 3 * len(got)  # json + mp4 + jpg of those two only
 
 
-def test_state_mismatch_is_refused(shard_dir):
+def test_state_mismatch_is_refused(shard_dir, small_data):
     loader = StreamLoader(small_data(shard_dir), rank=0, world=2)
     state = loader.state_dict()
     other = StreamLoader(small_data(shard_dir), rank=0, world=3)
@@ -211,7 +210,7 @@ def test_state_mismatch_is_refused(shard_dir):
         other.load_state_dict(state)
 
 
-def test_caption_sidecar_join(shard_dir, tmp_path):
+def test_caption_sidecar_join(shard_dir, small_data, tmp_path):
     out = tmp_path / "shards"
     shutil.copytree(shard_dir, out)
     r = TarReader(str(out / "shard-000000.tar"))
@@ -236,7 +235,7 @@ def test_caption_sidecar_join(shard_dir, tmp_path):
 
 
 def test_shards_are_plain_webdataset(shard_dir):
-    """Any webdataset user can read the shards (keys and members as DESIGN.md §2)."""
+    """Any webdataset user can read the shards (keys and members as docs/data_format.md describes)."""
     import webdataset as wds
     ds = wds.WebDataset(str(shard_dir / "shard-000000.tar"), shardshuffle=False)
     samples = list(ds)
@@ -246,7 +245,7 @@ def test_shards_are_plain_webdataset(shard_dir):
         assert json.loads(s["json"])["key"] == s["__key__"]
 
 
-def test_normalise_matches_formula_and_workers_give_identical_batches(shard_dir):
+def test_normalise_matches_formula_and_workers_give_identical_batches(shard_dir, small_data):
     from shards.reader import normalise
     x = np.random.default_rng(0).integers(0, 256, size=(2, 3, 5, 7, 3), dtype=np.uint8)
     ref = (torch.from_numpy(x).float() / 255 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
@@ -263,7 +262,7 @@ def test_normalise_matches_formula_and_workers_give_identical_batches(shard_dir)
             assert torch.equal(b0[k], b2[k]), k
 
 
-def test_workers_send_uint8_pixels_and_the_loader_normalises_them_exactly(shard_dir):
+def test_workers_send_uint8_pixels_and_the_loader_normalises_them_exactly(shard_dir, small_data):
     """The worker stream carries raw uint8 channels-last pixels; the loader's batches are those
     pixels CLIP-normalised (bit-identical to the per-sample `normalise`), in any requested dtype."""
     from shards.reader import normalise, normalise_pixels
@@ -284,3 +283,56 @@ def test_workers_send_uint8_pixels_and_the_loader_normalises_them_exactly(shard_
     # a channels-last source stays correct whatever its strides (e.g. a sliced batch)
     x = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (4, 5, 6, 3), dtype=np.uint8))
     assert torch.equal(normalise_pixels(x[::2]), normalise(x[::2].numpy()))
+
+
+def test_crop_of_square_shards_is_refused_at_open(shard_dir, small_data, monkeypatch):
+    """data.resize=crop on shards built square (their build_config.yaml says aspect: square): a
+    ValueError when the loader is opened, naming the folder and both settings, before any sample
+    (or even a tar index) is read."""
+    import shards.reader as reader
+    touched = []
+    monkeypatch.setattr(TarReader, "read", lambda self, key, ext: touched.append(key))
+    monkeypatch.setattr(reader, "index_tar", lambda path: touched.append(path))
+    with pytest.raises(ValueError) as e:
+        StreamLoader(small_data(shard_dir, resize="crop", train=False))
+    msg = str(e.value)
+    for words in (str(shard_dir), "build.aspect=square", "data.resize=crop", "data.resize=squash"):
+        assert words in msg, (words, msg)
+    assert touched == []
+    assert reader.stored_aspect(shard_dir) == "square"
+    StreamLoader(small_data(shard_dir, train=False))                 # squash opens fine
+
+
+def test_shards_without_a_build_record_are_not_checked_at_open(shard_dir, small_data, tmp_path):
+    """Shard sets built before build_config.yaml existed open with crop (nothing to check against);
+    their square clips are then refused per sample, from each clip's json."""
+    out = tmp_path / "shards"
+    shutil.copytree(shard_dir, out, ignore=shutil.ignore_patterns("build_config.yaml"))
+    from shards.reader import stored_aspect
+    assert stored_aspect(out) is None
+    loader = StreamLoader(small_data(out, resize="crop", train=False))
+    with pytest.raises(ValueError, match="resize=crop"):
+        next(iter(loader))
+
+
+def test_count_sidecars(shard_dir, tmp_path):
+    """count_sidecars: how many shards of the set have a caption sidecar (what a caption loss
+    needs); default folder <shards>/captions, or any captions folder; strays are not counted."""
+    from shards.captions import count_sidecars
+    out = tmp_path / "shards"
+    shutil.copytree(shard_dir, out, ignore=shutil.ignore_patterns("captions"))
+    assert count_sidecars(out) == 0                                   # never captioned
+    names = load_shardset(out).names
+    for name in names[:2]:
+        keys = TarReader(str(out / name)).index.keys
+        write_sidecar(sidecar_path(out / "captions", name), [{"key": k, "caption": "a red circle"} for k in keys],
+                      model="test")
+    write_sidecar(out / "captions" / "shard-999999.parquet", [{"key": "x", "caption": "stray"}], model="test")
+    (out / "captions" / "notes.txt").write_text("not a sidecar")
+    assert count_sidecars(out) == 2 and count_sidecars(str(out), None) == 2
+    elsewhere = tmp_path / "caps"
+    write_sidecar(sidecar_path(elsewhere, names[5]), [{"key": "k", "caption": "c"}], model="test")
+    assert count_sidecars(out, elsewhere) == 1 and count_sidecars(out, tmp_path / "none") == 0
+    (out / "shards.json").unlink()                                   # a set indexed from its tars
+    assert count_sidecars(out) == 2
+    assert count_sidecars(tmp_path / "no_shards_here") == 0

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from vip.retrieval import dsl, retrieval_metrics
+from vip.eval.metrics import dsl, retrieval_metrics
 
 
 def _ranks_by_loop(sim, t2v):

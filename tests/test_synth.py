@@ -5,7 +5,6 @@ import av
 import numpy as np
 
 from shards.synth import COLOURS, make_corpus, render_frame, truth_plan
-from tests.conftest import small_synth
 
 
 def _lines(p):
@@ -20,7 +19,7 @@ def _decode_at(path, t):
     raise AssertionError("time past end")
 
 
-def test_deterministic_from_seed(tmp_path):
+def test_deterministic_from_seed(small_synth, tmp_path):
     a = make_corpus(small_synth(tmp_path / "a"))
     b = make_corpus(small_synth(tmp_path / "b"))
     assert a["clips"] == b["clips"] == 12
@@ -74,7 +73,7 @@ def test_renderer_matches_encoded_video(corpus):
     assert np.abs(decoded - rendered).mean() < 6
 
 
-def test_natural_texture_is_textured_panning_and_harder_to_compress(corpus, tmp_path):
+def test_natural_texture_is_textured_panning_and_harder_to_compress(corpus, small_synth, tmp_path):
     """synth.texture=natural: a textured background that pans with the camera (the codec must work
     like on camera footage: many more bits than the flat background), still re-renderable from truth."""
     import pytest

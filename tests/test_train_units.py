@@ -5,23 +5,23 @@ import math
 import pytest
 import torch
 
-from vip.checkpoint import MARKER, CheckpointManager
-from vip.config import DataConfig, OptimConfig, TrainConfig
-from vip.ds_config import grad_accumulation, make_ds_config
-from vip.optim import lr_lambda, param_groups
+from vip.config import OptimConfig, TrainConfig
+from vip.train.checkpoint import MARKER, CheckpointManager
+from vip.train.ds_config import grad_accumulation, make_ds_config
+from vip.train.optim import lr_lambda, param_groups
 
 
 def test_ds_config_is_derived_from_one_place():
-    tc, oc, dc = TrainConfig(global_batch=64, zero_stage=2, precision="fp32"), OptimConfig(), DataConfig(batch_size=8)
-    ds = make_ds_config(tc, oc, dc, world=2, device_type="cpu")
+    tc, oc = TrainConfig(global_batch=64, zero_stage=2, precision="fp32"), OptimConfig()
+    ds = make_ds_config(tc, oc, micro_batch=8, world=2, precision="fp32", device_type="cpu")
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 8, 4)
     assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_clipping"] == 5.0
     p = ds["optimizer"]["params"]
     assert p["lr"] == 5e-6 and p["betas"] == [0.9, 0.98] and p["eps"] == 1e-6 and p["torch_adam"] is True
     assert "bf16" not in ds and "fp16" not in ds
-    assert make_ds_config(TrainConfig(precision="bf16", global_batch=16), oc, dc, 2, "cpu")["bf16"]["enabled"]
+    assert make_ds_config(TrainConfig(global_batch=16), oc, 8, 2, "bf16", "cpu")["bf16"]["enabled"]
     with pytest.raises(ValueError, match="multiple"):
-        grad_accumulation(TrainConfig(global_batch=20), DataConfig(batch_size=8), world=2)
+        grad_accumulation(20, 8, world=2)
 
 
 def test_param_groups_no_decay_where_reference_has_none():
@@ -68,7 +68,7 @@ def test_only_complete_checkpoints_count(tmp_path):
 
 
 def test_plot_writes_png(tmp_path):
-    from vip.metrics import MetricsLog
+    from vip.train.logs import MetricsLog
     from vip.plot import plot_metrics
     log = MetricsLog(tmp_path, enabled=True, tensorboard=False)
     for s in range(1, 6):

@@ -5,12 +5,12 @@
     vip shards read  [--config tiny] [data.batch_size=4 …]   (stream a few batches, print throughput)
     vip demo         [--config tiny]
     vip pretrain     [--config tiny] [train.steps=100 …]      (one process; launch/pretrain.sh for many)
-    vip caption      [--config tiny] [caption.model=… …]      (Ray job; launch/caption.sh submits it)
+    vip caption      [--config tiny] [caption.model=… …]      (Ray job; launch/caption.sh submits `python -m vip caption`)
     vip plot         runs/pretrain/metrics.jsonl              (PNG curves)
     vip export       runs/pretrain [--out DIR]                (checkpoint → safetensors for vip.load)
-    vip eval         [--model DIR | --open-clip CKPT] --annotations A.jsonl --videos DIR [--paragraph] [eval.k=v …]
-    vip embed        --model DIR (--videos DIR | --shards DIR) --out emb.parquet   (embeddings → parquet)
-    vip analyze domain-gap (--model DIR | --open-clip CKPT) --corpus NAME=PATH … [--pair A:B …]  (NMI table)
+    vip eval         eval.model=DIR (or eval.open_clip=CKPT) eval.annotations=A.jsonl eval.videos=DIR [eval.k=v …]
+    vip embed        eval.model=DIR (eval.videos=DIR | eval.shards=DIR) eval.out=emb.parquet   (embeddings → parquet)
+    vip analyze domain-gap analyze.model=DIR analyze.corpora=[a=A.jsonl,b=B.txt] [analyze.pairs=[a:b]]  (NMI table)
     vip config       [--config tiny] [k=v …]                  (print the resolved config)
 """
 from __future__ import annotations
@@ -58,12 +58,12 @@ def cmd_read(cfg, args) -> int:
 
 
 def cmd_pretrain(cfg, args) -> int:
-    from vip.train import pretrain
+    from vip.train.pretrain import pretrain
     return pretrain(cfg)
 
 
 def cmd_finetune(cfg, args) -> int:
-    from vip.finetune import finetune
+    from vip.train.finetune import finetune
     return finetune(cfg)
 
 
@@ -74,14 +74,14 @@ def cmd_plot(cfg, args) -> int:
 
 
 def cmd_export(cfg, args) -> int:
-    from vip.export import export_checkpoint
+    from vip.train.engine import export_checkpoint
     print(export_checkpoint(args.run, args.out, tag=args.tag))
     return 0
 
 
 def cmd_caption(cfg, args) -> int:
-    from captioning.__main__ import run
-    return run(cfg)
+    from captioning.job import run
+    return run(cfg.caption, fault_exit_chunk=cfg.debug.caption_fault_exit_chunk)
 
 
 def cmd_demo(cfg, args) -> int:
@@ -89,29 +89,23 @@ def cmd_demo(cfg, args) -> int:
     return run_demo(cfg)
 
 
-def _eval_cfg(cfg, args):
-    import dataclasses
-    flags = {"model": args.model, "open_clip": args.open_clip, "annotations": args.annotations,
-             "videos": args.videos, "shards": args.shards, "out": args.out}
-    ev = dataclasses.replace(cfg.eval, **{k: v for k, v in flags.items() if v is not None})
-    return dataclasses.replace(ev, paragraph=True) if args.paragraph else ev
-
-
 def cmd_eval(cfg, args) -> int:
-    from vip.eval.retrieval_eval import run_eval
-    run_eval(_eval_cfg(cfg, args))
+    from vip.eval.retrieval import run_eval
+    run_eval(cfg.eval)
     return 0
 
 
 def cmd_embed(cfg, args) -> int:
     from vip.inference import run_embed
-    print(run_embed(_eval_cfg(cfg, args)))
+    summary = run_embed(cfg.eval)
+    if summary:
+        print(summary)
     return 0
 
 
 def cmd_domain_gap(cfg, args) -> int:
-    from vip.analyze import run_domain_gap
-    return run_domain_gap(args)
+    from vip.eval.domain_gap import run_domain_gap
+    return run_domain_gap(cfg.analyze)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     rd = add(sh, "read", cmd_read, "stream batches from shards and report throughput")
     rd.add_argument("--batches", type=int, default=10)
     add(sub, "pretrain", cmd_pretrain, "post-pretrain (one process; use launch/pretrain.sh for many)")
-    add(sub, "finetune", cmd_finetune, "downstream retrieval fine-tuning (python -m vip.finetune under a launcher)")
+    ft = add(sub, "finetune", cmd_finetune, "downstream retrieval fine-tuning (python -m vip.train.finetune under a launcher)")
+    ft.set_defaults(default_preset="finetune")
     pl = sub.add_parser("plot", help="metrics.jsonl → PNG curves")
     pl.add_argument("metrics")
     pl.add_argument("--out", default=None)
@@ -146,32 +141,39 @@ def build_parser() -> argparse.ArgumentParser:
     add(sub, "caption", cmd_caption, "caption every clip's middle frame into caption sidecars (Ray)")
     d = add(sub, "demo", cmd_demo, "the end-to-end demo on tiny synthetic data")
     d.set_defaults(default_preset="tiny")
-    for name, fn, help_ in (("eval", cmd_eval, "text↔video retrieval on annotation jsonl + a video folder"),
-                            ("embed", cmd_embed, "video embeddings of a folder or shard set → parquet")):
-        ev = add(sub, name, fn, help_)
-        for flag in ("--model", "--open-clip", "--annotations", "--videos", "--shards", "--out"):
-            ev.add_argument(flag, default=None)
-        ev.add_argument("--paragraph", action="store_true", help="join each clip's captions into one paragraph")
+    add(sub, "eval", cmd_eval, "text↔video retrieval on annotation jsonl + a video folder (eval.* overrides)")
+    add(sub, "embed", cmd_embed, "video embeddings of a folder or shard set → parquet (eval.* overrides)")
     an = sub.add_parser("analyze", help="analyses").add_subparsers(dest="cmd", required=True)
-    dg = an.add_parser("domain-gap", help="K-means NMI between text corpora in a CLIP text tower")
-    dg.add_argument("--model", default=None, help="exported vip folder")
-    dg.add_argument("--open-clip", default=None, help="local open_clip checkpoint file (with --arch)")
-    dg.add_argument("--arch", default="ViT-B-32")
-    dg.add_argument("--corpus", action="append", required=True, help="NAME=PATH (jsonl or one text per line)")
-    dg.add_argument("--pair", action="append", default=[], help="A:B (default: all pairs)")
-    dg.add_argument("--field", default="text")
-    dg.add_argument("--n", type=int, default=1000)
-    dg.add_argument("--repeats", type=int, default=10)
-    dg.add_argument("--seed", type=int, default=0)
-    dg.add_argument("--device", default="auto")
-    dg.add_argument("--out", default=None, help="rows as JSON")
-    dg.set_defaults(fn=cmd_domain_gap, config="default", overrides=[])
+    add(an, "domain-gap", cmd_domain_gap, "K-means NMI between text corpora in a CLIP text tower (analyze.* overrides)")
     add(sub, "config", cmd_config, "print the resolved config")
     return p
 
 
+_RENAMED = {"corpus": "corpora", "pair": "pairs", "field": "text_field"}   # old analyze flags
+
+
+def _unknown(parser: argparse.ArgumentParser, args, extra: list[str]) -> None:
+    """Exit 2 on arguments no parser knows; for a `--flag` naming a field of the command's
+    config section (the old eval/embed/analyze flags), say which override to use instead."""
+    import typing
+    from vip.config import Config
+    section = {"eval": "eval", "embed": "eval", "analyze": "analyze"}.get(args.group)
+    fields = set(typing.get_type_hints(typing.get_type_hints(Config)[section])) if section else set()
+    hints = []
+    for a in extra:
+        name = a.lstrip("-").split("=", 1)[0].replace("-", "_")
+        name = _RENAMED.get(name, name) if section == "analyze" else name
+        if a.startswith("--") and name in fields:
+            hints.append(f"{a} → {section}.{name}=…")
+    hint = f" (options are dotted overrides now: {'; '.join(hints)})" if hints else ""
+    parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        _unknown(parser, args, extra)
     _setup_logging(args.verbose)
     preset = args.config
     if preset == "default" and getattr(args, "default_preset", None):
@@ -181,7 +183,11 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"vip: config error: {e}", file=sys.stderr)
         return 2
-    return args.fn(cfg, args)
+    try:
+        return args.fn(cfg, args)
+    except ConfigError as e:                     # a required option missing (vip eval, embed, analyze)
+        print(f"vip: config error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -14,99 +14,45 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import yaml
+
+from captioning.config import CaptionConfig
+from shards.atomic import write_text
+from shards.config import DataConfig, ShardBuildConfig, SynthConfig
+
+__all__ = ["Config", "ConfigError", "load_config", "save_config", "config_from_file", "to_dict", "SynthConfig",
+           "ShardBuildConfig", "DataConfig", "ModelConfig", "LossConfig", "OptimConfig", "TrainConfig",
+           "CaptionConfig", "EvalConfig", "FinetuneConfig", "DebugConfig"]
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
 
 # --------------------------------------------------------------------------- sections
 @dataclass(frozen=True)
-class SynthConfig:
-    """Synthetic HD-VILA-style corpus: moving coloured shapes with matching text."""
-
-    out: str = "data/synth"
-    num_videos: int = 8
-    clips_per_video: int = 4
-    clip_seconds: float = 4.0      # length of each clip span
-    gap_seconds: float = 0.5       # unused footage between clips
-    width: int = 1280
-    height: int = 720
-    fps: int = 30
-    seed: int = 0
-    crf: int = 23                  # x264 quality of the source videos
-    preset: str = "ultrafast"      # x264 speed preset of the source videos
-    texture: str = "flat"          # flat: plain background | natural: panning 1/f-noise background with
-    #                                grain (decodes and compresses like camera footage; benchmarks)
-
-
-@dataclass(frozen=True)
-class ShardBuildConfig:
-    """How clips are cut, re-encoded and packed into webdataset shards."""
-
-    metadata: str = "data/synth/metadata.jsonl"
-    subtitles: str = "data/synth/subtitles.jsonl"
-    videos: str = "data/synth/videos"
-    out: str = "data/shards"
-    clips_per_shard: int = 1000     # ~100-300 MB shards at the default format
-    # stored format, chosen by bench/data.py (docs/benchmarks.md): fewest reader cores per clip
-    fps: float = 4.0               # stored frame rate (<= source rate)
-    short_side: int = 224          # stored short side in pixels (even)
-    keyframe_interval: int = 4     # GOP length of the stored clip, in frames
-    crf: int = 23
-    preset: str = "veryfast"
-    jpeg_quality: int = 90
-    frame_short_side: int = 256    # stored middle-frame JPEG (captioner input)
-    fast_decode: bool = True       # x264 --tune fastdecode (no CABAC/deblock: faster reads, ~16% bigger files)
-    aspect: str = "square"         # square: short_side² (the reader's default squash done once at build
-    #                                time: 1.6x fewer reader cores, 38% less storage on textured 16:9 video,
-    #                                docs/benchmarks.md; not readable with data.resize=crop) | keep: aspect kept
-    max_clip_seconds: float = 60.0  # longer spans are cut to this
-    workers: int = 2               # local processes (ignored with ray_address)
-    ray_address: Optional[str] = None  # "auto", "ray://…" or "local" to use Ray
-    limit_shards: Optional[int] = None  # build only the first N shards (tests, smoke runs)
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """The streaming reader: shards → batches of DESIGN.md §3."""
-
-    shards: str = "data/shards"
-    captions: Optional[str] = None  # folder of caption sidecars; default <shards>/captions
-    num_frames: int = 12
-    image_size: int = 224
-    resize: str = "squash"         # squash (reference) | crop (short-side resize + centre crop)
-    context_length: int = 70
-    tokenizer: str = "ViT-B-32"    # open_clip model name whose tokenizer is used
-    batch_size: int = 8            # per rank (micro-batch)
-    num_workers: int = 2
-    shuffle_shards: int = 4        # shards interleaved at once by a worker
-    seed: int = 0
-    train: bool = True             # random frame jitter + shuffling; False: evenly spaced, in order
-    decode_threads: int = 1        # codec threads per worker
-    prefetch_factor: int = 2
-
-
-@dataclass(frozen=True)
 class ModelConfig:
-    """CLIP-ViP model (vip/model): open_clip arch + video encoder (DESIGN.md §4)."""
+    """CLIP-ViP model (vip/model): open_clip arch + video encoder (docs/architecture.md, "Model")."""
 
     arch: str = "ViT-B-32"         # any open_clip ViT, or a tiny test config name
     pretrained: Optional[str] = None  # open_clip tag, or a local file
-    video_encoder: str = "vip"     # vip | meanpool | seqtransf | full
+    video_encoder: Literal["vip", "meanpool", "seqtransf", "full"] = "vip"
     num_proxies: int = 4           # M video proxy tokens (proxy 0 = CLIP's class token)
+    proxy_init: Literal["class_token", "normal"] = "class_token"
+    #   how proxies 1..M-1 start: class_token = CLIP's class embedding + small noise (starts where a
+    #   pretrained CLIP already pools well); normal = N(0, 1), as the original CLIP-ViP code does
+    #   (`torch.randn`), to reproduce the paper exactly (docs/model.md)
     max_frames: int = 12           # rows of the temporal embedding (interpolated to other T)
     grad_checkpointing: bool = False
     quick_gelu: bool = False       # force QuickGELU (OpenAI / CLIP-ViP weights; *-quickgelu archs have it)
-    attention: str = "fast"        # vip attention: fast (block-sparse) | dense (dense-mask oracle)
+    attention: Literal["fast", "dense"] = "fast"   # vip attention: fast (block-sparse) | dense (oracle)
     seq_layers: int = 4            # seqtransf: temporal transformer layers
-    init_logit_scale: float = 4.60  # log of the initial logit scale (clamped to [0, ln 200])
+    init_logit_scale: float = 4.60  # log of the initial logit scale (kept in [0, ln 200] after each step)
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    variant: str = "d"             # vs | a | b | c | d (DESIGN.md §5)
+    variant: Literal["vs", "a", "b", "c", "d"] = "d"   # OCL variant (docs/model.md, "Losses")
 
 
 @dataclass(frozen=True)
@@ -131,8 +77,8 @@ class TrainConfig:
     out: str = "runs/pretrain"
     steps: int = 10000             # optimizer steps
     global_batch: int = 1024
-    precision: str = "auto"        # auto (bf16 on GPUs that have it, else fp32) | bf16 | fp16 | fp32
-    zero_stage: int = 1
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"   # auto: bf16 on GPUs that have it, else fp32
+    zero_stage: Literal[0, 1, 2, 3] = 1
     seed: int = 0
     save_every: int = 1000         # steps between checkpoints (also at the end and on SIGTERM/SIGINT)
     keep_last: int = 3             # complete checkpoints kept
@@ -141,55 +87,18 @@ class TrainConfig:
     eval_every: int = 0            # steps between zero-shot retrieval evaluations (0: only at the end)
     eval_shards: Optional[str] = None  # held-out shard folder for zero-shot retrieval
     eval_max_clips: int = 1000
-    on_nonfinite: str = "skip"     # skip the step (and report it) | stop
+    on_nonfinite: Literal["skip", "stop"] = "skip"   # skip the step (and report it) | stop
     max_nonfinite: int = 20        # give up after this many consecutive non-finite losses
     tensorboard: bool = True
     init_from: Optional[str] = None  # exported vip weights to start from (instead of model.pretrained)
     log_keys: bool = False         # write each rank's consumed sample keys per step (resume audits, tests)
-    fault_step: Optional[int] = None  # test hook: rank fault_rank raises at this step
-    fault_rank: int = 0
-
-
-@dataclass(frozen=True)
-class CaptionConfig:
-    """The captioning job (DESIGN.md §7): each clip's middle frame → caption sidecar rows."""
-
-    shards: str = "data/shards"    # shard folder (shards.json or shard-*.tar)
-    out: Optional[str] = None      # sidecar folder; default <shards>/captions
-    captioner: str = "coca"        # coca (open_clip CoCa) | hf (any transformers image-to-text model)
-    model: str = "coca_ViT-L-14"   # open_clip name or local-dir:PATH | HF hub id or local folder
-    pretrained: Optional[str] = "mscoco_finetuned_laion2b_s13b_b90k"  # coca: open_clip tag or local weights file
-    revision: Optional[str] = None  # hf: hub revision (branch, tag or commit) of `model`
-    prompt: Optional[str] = None   # hf: text the caption continues (BLIP: "a picture of"); stripped from output
-    decoding: str = "auto"         # auto (beam on GPU, greedy on CPU) | beam | greedy | top_k | top_p
-    num_beams: int = 6
-    num_beam_groups: int = 3       # coca diverse beam search groups (open_clip default)
-    max_tokens: int = 30           # generated tokens per caption
-    min_tokens: int = 5
-    top_k: int = 50
-    top_p: float = 0.9
-    temperature: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int = 0                  # sampling seed (top_k/top_p), mixed with each batch's keys
-    batch_size: int = 32           # images per generate() call (halved automatically on errors, e.g. OOM)
-    chunk_size: int = 256          # images per unit of actor work; a shard is cut into chunks
-    device: str = "auto"           # auto (cuda when the cluster has GPUs) | cuda | cpu
-    precision: str = "auto"        # auto (fp16 on GPU, fp32 on CPU) | fp16 | bf16 | fp32
-    num_actors: int = 0            # 0: one per GPU; on CPU as many as fit beside one decode task
-    actor_cpus: float = 1.0        # CPUs reserved per captioner actor (its torch threads on CPU)
-    decode_cpus: float = 1.0       # CPUs per JPEG decode task
-    inflight_per_actor: int = 2    # chunks queued per actor: bounds memory to actors × this × chunk_size images
-    max_attempts: int = 3          # tries per chunk (actor deaths) before its clips get error captioner_failed
-    max_actor_restarts: int = 16   # replacement actors per job before the job gives up
-    ray_address: Optional[str] = None  # None: $RAY_ADDRESS, else a private local Ray on 127.0.0.1 | auto | ray://…
-    local_cpus: int = 0            # CPUs of the private local Ray (0: all cores)
-    limit_shards: Optional[int] = None  # only the first N shards (smoke runs)
-    fault_exit_chunk: Optional[int] = None  # FAULT INJECTION (tests only): actor 0 os._exit(1)s on its Nth chunk
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Retrieval evaluation (`vip eval`) and embedding (`vip embed`) on annotation jsonl + a video folder."""
+    """Retrieval evaluation (`vip eval`) and embedding (`vip embed`) of an exported model (or the
+    MeanPool open_clip baseline) on annotation jsonl + a video folder, or a shard folder (embed);
+    docs/evaluation.md. `vip eval` needs annotations, videos and model (or open_clip)."""
 
     annotations: str = ""          # jsonl: {"clip_id": str, "text": str | [str, ...]}
     videos: str = ""               # folder of <clip_id> or <clip_id>.<ext> videos (any container PyAV reads)
@@ -200,40 +109,66 @@ class EvalConfig:
     tokenizer: Optional[str] = None  # open_clip tokenizer name; default: the model's arch
     paragraph: bool = False        # join a clip's caption list into one paragraph (DiDeMo)
     num_frames: int = 12           # frames sampled evenly over the whole video
-    resize: str = "squash"         # squash (reference) | crop
+    resize: Literal["squash", "crop"] = "squash"
     batch_size: int = 16           # videos per encode_video call
     text_batch_size: int = 256
     num_workers: int = 0           # decode workers (DataLoader)
-    device: str = "auto"           # auto (cuda if available) | cuda | cpu
+    device: str = "auto"           # auto (this rank's GPU if there is one, else CPU) | cuda | cuda:1 | cpu
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "fp32"   # weights and pixels; auto: bf16 on GPUs that have it
     out: str = "eval.json"         # metrics JSON (vip eval) / parquet (vip embed)
     shards: Optional[str] = None   # vip embed: a shard folder instead of a video folder
 
 
 @dataclass(frozen=True)
+class AnalyzeConfig:
+    """`vip analyze domain-gap`: K-means NMI between text corpora in a model's text tower
+    (docs/evaluation.md). Needs model (or open_clip) and at least two corpora."""
+
+    model: Optional[str] = None    # exported vip model folder
+    open_clip: Optional[str] = None  # local open_clip checkpoint file (with arch), when no model
+    arch: str = "ViT-B-32"         # open_clip arch of the open_clip checkpoint
+    quick_gelu: bool = False       # open_clip checkpoint: force QuickGELU (OpenAI weights)
+    tokenizer: Optional[str] = None  # open_clip tokenizer name; default: the model's arch
+    corpora: tuple[str, ...] = ()  # NAME=PATH each (jsonl, or plain text one per line): [subs=a.jsonl,caps=b.txt]
+    pairs: tuple[str, ...] = ()    # A:B each, names from corpora; empty: every pair
+    text_field: str = "text"       # jsonl key holding the text (a string or a list of strings)
+    n: int = 1000                  # texts sampled per corpus per repeat
+    repeats: int = 10              # fresh samples (and K-means seeds); mean ± std over them
+    seed: int = 0
+    batch_size: int = 256          # texts per encode_text call
+    device: str = "auto"           # auto (GPU if there is one) | cuda | cpu
+    out: Optional[str] = None      # rows as JSON
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
-    """Downstream retrieval fine-tuning (`vip finetune`). Reference: lr 1e-6, wd 0.2, batch 128,
-    12 frames; epochs MSR-VTT 5 / DiDeMo 20 / LSMDC 10 / ActivityNet 20. The best epoch is chosen
-    on the validation split (never on test)."""
+    """Downstream retrieval fine-tuning (`vip finetune`): the dataset and the schedule in epochs.
+    Optimiser, batch sizes, precision, seed and output folder come from the shared `optim`,
+    `train` (global_batch, precision, zero_stage, seed, out) and `data` (batch_size) sections;
+    the `finetune` preset sets the reference values (lr 1e-6, wd 0.2, batch 128, 12 frames;
+    epochs MSR-VTT 5 / DiDeMo 20 / LSMDC 10 / ActivityNet 20). The best epoch is chosen on the
+    validation split (never on test)."""
 
     annotations: str = ""          # train jsonl {"clip_id", "text": str | [str, ...]}
     videos: str = ""               # folder of the train videos
     val_annotations: str = ""      # validation jsonl (model selection)
     val_videos: Optional[str] = None  # default: videos
     init_from: str = ""            # exported vip model (vip export / end of pretraining)
-    out: str = "runs/finetune"
     epochs: int = 5
-    lr: float = 1e-6
-    weight_decay: float = 0.2
-    warmup_ratio: float = 0.1
-    global_batch: int = 128
-    batch_size: int = 16           # per rank (micro-batch)
     num_frames: int = 12
     context_length: int = 70
-    resize: str = "squash"
+    resize: Literal["squash", "crop"] = "squash"
     paragraph: bool = False        # DiDeMo: one paragraph per video
     num_workers: int = 2
-    precision: str = "auto"
-    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DebugConfig:
+    """Fault injection for tests and drills; all off by default. Never set in a real run."""
+
+    fault_step: Optional[int] = None   # pretraining: rank `fault_rank` raises at this step
+    fault_rank: int = 0
+    caption_fault_exit_chunk: Optional[int] = None  # captioning: actor 0 os._exit(1)s on its Nth chunk
 
 
 @dataclass(frozen=True)
@@ -249,7 +184,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
 
 # --------------------------------------------------------------------------- machinery
@@ -261,6 +198,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Convert a YAML/CLI value to the annotated type, or raise ConfigError."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if origin is Literal:
+        for choice in args:
+            if value == choice and type(value) is type(choice):
+                return choice
+            if isinstance(value, str) and str(choice) == value.strip():   # "2" for a Literal[0, 1, 2, 3]
+                return choice
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
     if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
             if type(None) in args:
@@ -410,12 +354,8 @@ def _load_yaml_chain(path: Path, depth: int = 0) -> dict:
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the config tree as YAML (or JSON for a .json path)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     d = to_dict(cfg)
-    text = json.dumps(d, indent=2) if path.suffix == ".json" else yaml.safe_dump(d, sort_keys=False)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_text(path, json.dumps(d, indent=2) if path.suffix == ".json" else yaml.safe_dump(d, sort_keys=False))
 
 
 def config_from_file(path: str | Path, cls: type = Config) -> Any:

@@ -72,8 +72,8 @@ def run_demo(cfg: Config) -> int:
     after = _zero_shot(cfg, eval_build.out, weights=Path(cfg.train.out) / "final")
 
     _stage(6, "results")
+    from vip.eval.metrics import format_table
     from vip.plot import plot_metrics
-    from vip.zeroshot import format_table
     png = plot_metrics(Path(cfg.train.out) / "metrics.jsonl")
     table = format_table({"untrained": before, "pretrained": after})
     (Path(cfg.train.out) / "retrieval.md").write_text(table + "\n")
@@ -101,18 +101,20 @@ def _captions(cfg: Config) -> None:
 
 
 def _zero_shot(cfg: Config, eval_shards: str, weights: Path | None) -> dict:
+    """Zero-shot retrieval on the held-out shards in this process: a world of one on the CPU."""
     import torch
 
+    from vip.eval.retrieval import evaluate_shards
     from vip.model import build_model
-    from vip.zeroshot import zero_shot_retrieval
+    from vip.train.runtime import Runtime
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
     if weights is not None:
         from vip.model.convert import load_weights_into
         load_weights_into(model, weights)
     data = dataclasses.replace(cfg.data, shards=eval_shards, captions=None, num_workers=0)
-    res = zero_shot_retrieval(model, data, rank=0, world=1, device=torch.device("cpu"),
-                              max_clips=cfg.train.eval_max_clips)
+    rt = Runtime(rank=0, world=1, local_rank=0, device=torch.device("cpu"), precision="fp32")
+    res = evaluate_shards(model, data, rt, max_clips=cfg.train.eval_max_clips)
     print(f"t2v R@1 {res['t2v_R@1']:.1f}  R@5 {res['t2v_R@5']:.1f}  v2t R@1 {res['v2t_R@1']:.1f} "
           f"({res['clips']} clips; chance R@1 {100 / max(res['clips'], 1):.1f})")
     return res

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from shards.atomic import atomic_path
 from shards.reader import normalise
 from shards.video import sample_indices
 from vip.config import EvalConfig, ModelConfig
@@ -54,7 +55,7 @@ class VideoTextModel:
 
     def __init__(self, model, model_cfg: ModelConfig, num_frames: int | None = None, resize: str = "squash",
                  tokenizer: str | None = None):
-        from vip.eval.retrieval_eval import image_size, tokenizer_for
+        from vip.model.archs import image_size, tokenizer_for
         self.model, self.cfg = model.eval(), model_cfg
         self.num_frames = num_frames or model_cfg.max_frames
         self.resize = resize
@@ -147,58 +148,73 @@ def _write_parquet(keys: list[str], emb: np.ndarray, out: Path) -> None:
     D = emb.shape[1] if emb.ndim == 2 else 0
     col = pa.ListArray.from_arrays(pa.array(np.arange(0, len(keys) * D + 1, D, dtype=np.int32)),
                                    pa.array(emb.reshape(-1).astype(np.float32)))
-    tmp = out.with_name(out.name + ".tmp")
-    pq.write_table(pa.table({"key": pa.array(keys, pa.string()), "embedding": col}), str(tmp))
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        pq.write_table(pa.table({"key": pa.array(keys, pa.string()), "embedding": col}), str(tmp))
 
 
-@torch.no_grad()
 def embed_folder(m: VideoTextModel, folder: str | Path, batch_size: int = 16, num_workers: int = 0,
-                 progress: bool = True) -> tuple[list[str], np.ndarray, dict]:
-    """Every video file in `folder` → (file names, [N, D] float32, {name: failure reason})."""
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
-    from vip.eval.videos import VideoFolder, collate
+                 progress: bool = True, rt=None) -> tuple[list[str], np.ndarray, dict]:
+    """Every video file in `folder` → (file names, [N, D] float32, {name: failure reason}).
+    rt: split over its ranks (gathered on every rank); default the model's device, world of torch.distributed."""
+    from vip.eval.encode import encode_batches, folder_batches, runtime_of
+    rt = rt or runtime_of(m.model)
     names = sorted(p.name for p in Path(folder).iterdir() if p.is_file())
-    ds = VideoFolder(names, folder, m.num_frames, m.image_size, m.resize)
-    keys, feats, failed = [], [], {}
-    for b in tqdm(DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate),
-                  desc="embed", unit="batch", disable=not progress):
-        failed.update({names[i]: r for i, r in b["failed"]})
-        if b["video"] is not None:
-            keys += [names[i] for i in b["index"]]
-            feats.append(m.encode_video(b["video"]).cpu())
-    emb = torch.cat(feats).numpy() if feats else np.zeros((0, m.model.embed_dim), np.float32)
-    return keys, emb, failed
+    batches = folder_batches(names, folder, rt, m.num_frames, m.image_size, m.resize, batch_size, num_workers)
+    enc = encode_batches(m.model, batches, rt, progress=progress, desc="embed")
+    return [names[i] for i in enc.keys], enc.video.numpy(), {names[i]: r for i, r in enc.failed.items()}
 
 
-@torch.no_grad()
-def embed_shards(m: VideoTextModel, shards: str, batch_size: int = 16, num_workers: int = 0
+def embed_shards(m: VideoTextModel, shards: str, batch_size: int = 16, num_workers: int = 0, rt=None
                  ) -> tuple[list[str], np.ndarray, dict]:
-    """A shard folder read in eval mode (evenly spaced frames, in order) → (keys, [N, D], {reason: count})."""
-    from shards.reader import StreamLoader
+    """A shard folder read in eval order (evenly spaced frames, in order) → (keys, [N, D], {reason: count})."""
+    import torch.distributed as dist
+
     from vip.config import DataConfig
+    from vip.eval.encode import encode_batches, runtime_of, shard_batches, shard_loader
+    rt = rt or runtime_of(m.model)
     data = DataConfig(shards=shards, num_frames=m.num_frames, image_size=m.image_size, resize=m.resize,
                       batch_size=batch_size, num_workers=num_workers, train=False)
-    keys, feats = [], []
-    loader = StreamLoader(data, device=m.device)   # pixels normalised on the model's device
-    for b in loader:
-        keys += list(b["key"])
-        feats.append(m.encode_video(b["video"]).cpu())
-    emb = torch.cat(feats).numpy() if feats else np.zeros((0, m.model.embed_dim), np.float32)
-    return keys, emb, dict(loader.events)                                # failures counted by reason
+    loader = shard_loader(data, rt)                                      # pixels normalised on rt.device
+    enc = encode_batches(m.model, shard_batches(loader, text=False), rt)
+    events = [dict(loader.events)]                                       # failures counted by reason
+    if rt.world > 1:
+        events = [None] * rt.world
+        dist.all_gather_object(events, dict(loader.events))
+    failed = {}
+    for ev in events:
+        for reason, count in ev.items():
+            failed[reason] = failed.get(reason, 0) + count
+    return list(enc.keys), enc.video.numpy(), failed
 
 
-def run_embed(cfg: EvalConfig) -> str:
-    """`vip embed`: cfg.model + (cfg.shards | cfg.videos) → parquet at cfg.out (key, embedding)."""
-    from vip.eval.retrieval_eval import pick_device
-    if not cfg.model:
-        raise ValueError("vip embed needs --model (an exported folder)")
-    m = load(cfg.model, device=pick_device(cfg.device), num_frames=cfg.num_frames, resize=cfg.resize)
+def check_embed_config(cfg: EvalConfig) -> None:
+    """ConfigError naming the override to set when `vip embed` lacks a required option."""
+    from vip.config import ConfigError
+    from vip.eval.models import require, require_path
+    require(cfg.model, "eval.model=DIR", "the exported model")
+    require_path(cfg.model, "eval.model")
+    if not cfg.shards and not cfg.videos:
+        raise ConfigError("missing the input: set eval.videos=DIR (a video folder) or eval.shards=DIR (a shard folder)")
     if cfg.shards:
-        keys, emb, failed = embed_shards(m, cfg.shards, cfg.batch_size, cfg.num_workers)
+        require_path(cfg.shards, "eval.shards", "folder")
     else:
-        keys, emb, failed = embed_folder(m, cfg.videos, cfg.batch_size, cfg.num_workers)
+        require_path(cfg.videos, "eval.videos", "folder")
+
+
+def run_embed(cfg: EvalConfig) -> str | None:
+    """`vip embed`: cfg.model + (cfg.shards | cfg.videos) → parquet at cfg.out (key, embedding).
+    Under torchrun each rank encodes its share; rank 0 writes and returns the summary (others None)."""
+    from vip.eval.models import command_runtime
+    check_embed_config(cfg)
+    with command_runtime(cfg.device, cfg.precision) as rt:
+        m = load(cfg.model, device=rt.device, num_frames=cfg.num_frames, resize=cfg.resize)
+        m.model.to(rt.dtype)
+        if cfg.shards:
+            keys, emb, failed = embed_shards(m, cfg.shards, cfg.batch_size, cfg.num_workers, rt)
+        else:
+            keys, emb, failed = embed_folder(m, cfg.videos, cfg.batch_size, cfg.num_workers, rt=rt)
+    if not rt.is_main:
+        return None
     out = Path(cfg.out if cfg.out.endswith(".parquet") else str(Path(cfg.out).with_suffix(".parquet")))
     _write_parquet(keys, emb, out)
     return f"{len(keys)} embeddings (dim {emb.shape[1] if len(keys) else 0}) → {out}; {len(failed)} failed {failed}"

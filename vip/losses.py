@@ -1,8 +1,8 @@
-"""Omnisource cross-modal learning (OCL) losses of CLIP-ViP (DESIGN.md §5).
+"""Omnisource cross-modal learning (OCL) losses of CLIP-ViP (docs/model.md, "Losses").
 
 Pure functions of already-gathered, L2-normalised features [B, D] (B = global batch):
 V = video, F = middle frame, S = subtitle, C = auxiliary caption. Logits are
-``exp(logit_scale) · cosine`` (logit_scale in log space, already clamped by the model).
+``exp(logit_scale) · cosine`` (logit_scale in log space, kept in [0, ln 200] by the trainer).
 Everything is computed in float32 whatever the feature dtype (bf16-safe).
 
 Conventions (the reference's: cross-entropy terms are summed):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vip.metrics import read_metrics
+from vip.train.logs import read_metrics
 
 
 def plot_metrics(metrics: str | Path, out: str | Path | None = None) -> Path:

@@ -1,4 +1,4 @@
-"""CLIP-ViP model: video-proxy ViT + baselines around open_clip's CLIP (DESIGN.md §4).
+"""CLIP-ViP model: video-proxy ViT + baselines around open_clip's CLIP (docs/model.md).
 
 Public API::
 

@@ -63,3 +63,35 @@ def build_clip(arch: str, pretrained: str | None = None, quick_gelu: bool = Fals
     if type(model) is not open_clip.CLIP:
         raise NotImplementedError(f"{arch} builds a {type(model).__name__}; CLIP-ViP needs open_clip.CLIP")
     return model.float()
+
+
+def image_size(model) -> int:
+    """Input side length of the model's vision tower (grid × patch)."""
+    v = model.visual
+    grid = v.grid_size[0] if isinstance(v.grid_size, (tuple, list)) else v.grid_size
+    patch = v.patch_size[0] if isinstance(v.patch_size, (tuple, list)) else v.patch_size
+    return int(grid) * int(patch)
+
+
+class Tokenizer:
+    """texts → token ids [B, context_length] with the open_clip tokenizer of an arch (tiny test
+    archs use the default CLIP BPE). Picklable: it can be part of a DataLoader's collate."""
+
+    def __init__(self, arch: str, context_length: int):
+        self.name = "ViT-B-32" if arch in TINY_ARCHS else arch
+        self.context_length = context_length
+        self._tok = None
+
+    def __call__(self, texts) -> torch.Tensor:
+        if self._tok is None:
+            import open_clip
+            self._tok = open_clip.get_tokenizer(self.name, context_length=self.context_length)
+        return self._tok(list(texts), context_length=self.context_length)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tok": None}
+
+
+def tokenizer_for(arch: str, context_length: int) -> Tokenizer:
+    """The open_clip tokenizer of `arch` at `context_length`."""
+    return Tokenizer(arch, context_length)

@@ -1,6 +1,6 @@
 """Proxy-guided attention (CLIP-ViP): a fast block-sparse path and a dense-mask oracle.
 
-Token layout (DESIGN.md §4): ``[M proxies, T×N patch tokens (frame-major)]``, L = M + T·N.
+Token layout (docs/architecture.md, "Token layout"): ``[M proxies, T×N patch tokens (frame-major)]``, L = M + T·N.
 A proxy attends to every token; a patch token attends to the M proxies and to the N
 patches of its own frame only. The mask is block-sparse, so the fast path never builds
 the L×L mask. It keeps the two kinds of tokens as two tensors (proxies ``[B, M, ...]``,

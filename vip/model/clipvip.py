@@ -30,7 +30,7 @@ def make_video_encoder(clip: nn.Module, cfg: ModelConfig) -> nn.Module:
         if cfg.attention not in ("fast", "dense"):
             raise ValueError(f"model.attention must be fast or dense, got {cfg.attention!r}")
         return VideoViT(clip.visual, cfg.num_proxies, cfg.max_frames,
-                        attention="proxy" if cfg.attention == "fast" else "proxy_dense")
+                        attention="proxy" if cfg.attention == "fast" else "proxy_dense", proxy_init=cfg.proxy_init)
     if kind == "full":
         return VideoViT(clip.visual, 1, cfg.max_frames, attention="full")
     if kind == "meanpool":
@@ -47,8 +47,8 @@ class CLIPViP(nn.Module):
 
     encode_video(video [B, T, 3, H, W]), encode_image(image [B, 3, H, W]) and
     encode_text(tokens [B, L]) return L2-normalised features [B, D]. `forward` runs whatever
-    inputs it is given in one call (for the trainer) and returns them with the clamped
-    logit scale (log space; the losses take exp).
+    inputs it is given in one call (for the trainer) and returns them with the logit scale
+    (log space; the losses take exp).
     """
 
     def __init__(self, clip: nn.Module, cfg: ModelConfig):
@@ -75,8 +75,11 @@ class CLIPViP(nn.Module):
         self.transformer.grad_checkpointing = enable
 
     def scale(self) -> Tensor:
-        """The logit scale in log space, clamped to [0, ln 200] (a scalar tensor)."""
-        return self.logit_scale.clamp(0.0, LOGIT_SCALE_MAX)
+        """The logit scale in log space (a scalar tensor). As in CLIP and open_clip the forward
+        uses the parameter as it is: the trainer clamps the parameter itself to [0, ln 200] after
+        every optimiser step (vip.train.engine). A clamp here would zero its gradient whenever the
+        stored value rounds above ln 200 (float32 does; bf16 by up to 0.03), and it would stay there."""
+        return self.logit_scale
 
     # ------------------------------------------------------------------ encoders
     def encode_video(self, video: Tensor, normalize: bool = True) -> Tensor:
@@ -113,7 +116,7 @@ class CLIPViP(nn.Module):
         """One call for the trainer: any of video [B, T, 3, H, W], frame [B, 3, H, W],
         subtitle [B, L], caption [B, L]. Returns {"video", "frame", "subtitle", "caption"}:
         L2-normalised features [B, D] (None for inputs not given) and "logit_scale": the
-        clamped log-space scale (scalar). Subtitles and captions of the same length share one
+        log-space scale (scalar; clamped to [0, ln 200] by the trainer after each step). Subtitles and captions of the same length share one
         text-tower pass."""
         out: dict[str, Tensor | None] = {"video": None, "frame": None, "subtitle": None, "caption": None}
         if video is not None:

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+
+from shards.atomic import atomic_path, write_json
 from vip.config import ModelConfig
 
 WEIGHTS = "model.safetensors"
@@ -228,16 +230,11 @@ def export(model: torch.nn.Module, model_cfg: ModelConfig, out: str | os.PathLik
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: (v.detach().float() if v.is_floating_point() else v.detach()).to("cpu").contiguous().clone()
           for k, v in model.state_dict().items()}                       # fp32 on disk whatever trained
-    if "logit_scale" in sd:
-        sd["logit_scale"] = sd["logit_scale"].reshape(())                 # trainers may hold it as [1]
-    tmp = out / (WEIGHTS + ".tmp")
-    save_file(sd, str(tmp), metadata={"format": "pt", "producer": FORMAT})
-    tmp.replace(out / WEIGHTS)
+    with atomic_path(out / WEIGHTS) as tmp:
+        save_file(sd, str(tmp), metadata={"format": "pt", "producer": FORMAT})
     meta = {"format": FORMAT, "version": 1, "model": to_dict(model_cfg),
             "embed_dim": int(getattr(model, "embed_dim", 0)) or None}
-    tmp = out / (CONFIG + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(out / CONFIG)
+    write_json(out / CONFIG, meta, indent=2)
     return out
 
 

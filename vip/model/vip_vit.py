@@ -6,7 +6,7 @@ open_clip state dict's ``visual.*`` keys load unchanged) and adds two parameters
 * ``proxies`` [M-1, C]: video proxy tokens 1..M-1 (proxy 0 is CLIP's ``class_embedding``);
 * ``temporal_embedding`` [T_max, C]: zero-initialised, linearly interpolated to any T.
 
-Tokens (DESIGN.md §4): ``[M proxies, T×N patches (frame-major)]``. Every proxy gets the class
+Tokens (docs/architecture.md, "Token layout"): ``[M proxies, T×N patches (frame-major)]``. Every proxy gets the class
 position embedding and no temporal embedding; patch tokens get CLIP's spatial position
 embedding plus the temporal embedding of their frame. The blocks are open_clip's resblocks
 (ln_1, attn in_proj/out_proj, ln_2, mlp) run with proxy-guided attention. The video
@@ -77,7 +77,7 @@ class VideoViT(nn.Module):
     """
 
     def __init__(self, vit: nn.Module, num_proxies: int = 4, max_frames: int = 12, attention: str = "proxy",
-                 temporal: bool = True, proxy_init_std: float = 0.02):
+                 temporal: bool = True, proxy_init: str = "class_token", proxy_init_std: float = 0.02):
         super().__init__()
         check_supported_vit(vit)
         if num_proxies < 1:
@@ -99,11 +99,16 @@ class VideoViT(nn.Module):
         self.max_frames = max_frames
         self.attention = attention
         width = self.class_embedding.shape[0]
-        if num_proxies > 1:
+        if num_proxies > 1 and proxy_init == "normal":
+            # the original CLIP-ViP code: added_cls = torch.randn(M-1, C), i.e. N(0, 1)
+            self.proxies = nn.Parameter(torch.randn(num_proxies - 1, width))          # [M-1, C]
+        elif num_proxies > 1 and proxy_init == "class_token":
             # start the new proxies near CLIP's class token (a small perturbation breaks their symmetry)
             base = self.class_embedding.detach().float()
             noise = torch.randn(num_proxies - 1, width) * (proxy_init_std * base.std().clamp_min(1e-3))
             self.proxies = nn.Parameter(base.expand(num_proxies - 1, width) + noise)   # [M-1, C]
+        elif num_proxies > 1:
+            raise ValueError(f"proxy_init must be class_token or normal, got {proxy_init!r}")
         else:
             self.register_parameter("proxies", None)
         if temporal:

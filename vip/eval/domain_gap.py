@@ -5,6 +5,8 @@ downstream dataset's queries): embed `n` texts of each corpus, cluster the mixed
 with K-means (k = 2, k-means++ init, seeded), and score the clusters against the corpus
 label with normalised mutual information. NMI near 1: the corpora are far apart; near 0:
 indistinguishable. Repeated with fresh samples; mean ± std. numpy only (no scikit-learn).
+
+    vip analyze domain-gap analyze.model=DIR analyze.corpora=[subs=a.jsonl,caps=b.txt] analyze.n=1000
 """
 from __future__ import annotations
 
@@ -81,15 +83,15 @@ def domain_gap_features(fa: np.ndarray, fb: np.ndarray, n: int = 1000, repeats: 
 
 
 # --------------------------------------------------------------------------- texts → features
-def read_texts(path: str | Path, field: str = "text") -> list[str]:
-    """jsonl (the `field` of each line; a list contributes each string) or plain text, one per line."""
+def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
+    """jsonl (the `text_field` of each line; a list contributes each string) or plain text, one per line."""
     path = Path(path)
     out: list[str] = []
     for line in path.read_text().splitlines():
         if not line.strip():
             continue
         if path.suffix == ".jsonl":
-            v = json.loads(line)[field]
+            v = json.loads(line)[text_field]
             out += [v] if isinstance(v, str) else [str(t) for t in v]
         else:
             out.append(line.strip())
@@ -98,20 +100,21 @@ def read_texts(path: str | Path, field: str = "text") -> list[str]:
 
 def text_features(model, tokenize, texts: list[str], device="cpu", batch_size: int = 256) -> np.ndarray:
     """L2-normalised text features [N, D] from a CLIPViP's (or open_clip CLIP's) encode_text."""
-    from vip.eval.retrieval_eval import encode_texts
+    from vip.eval.encode import encode_texts
     return encode_texts(model, texts, tokenize, device, batch_size).numpy()
 
 
 def domain_gap_table(model, tokenize, corpora: dict[str, str], pairs: list[tuple[str, str]] | None = None,
-                     n: int = 1000, repeats: int = 10, seed: int = 0, field: str = "text", device="cpu") -> tuple[str, list]:
+                     n: int = 1000, repeats: int = 10, seed: int = 0, text_field: str = "text", device="cpu",
+                     batch_size: int = 256) -> tuple[str, list]:
     """(markdown table, rows) of NMI mean ± std for each corpus pair (default: all pairs)."""
     feats = {}
     for name, path in corpora.items():
-        texts = read_texts(path, field)
+        texts = read_texts(path, text_field)
         rng = np.random.default_rng(seed)
         if len(texts) > n * repeats:      # encode only what sampling could need
             texts = [texts[i] for i in rng.choice(len(texts), n * repeats, replace=False)]
-        feats[name] = text_features(model, tokenize, texts, device)
+        feats[name] = text_features(model, tokenize, texts, device, batch_size)
     pairs = pairs or list(itertools.combinations(corpora, 2))
     rows = [{"a": a, "b": b, **domain_gap_features(feats[a], feats[b], n, repeats, seed)} for a, b in pairs]
     lines = ["| corpus A | corpus B | NMI (mean ± std) |", "|---|---|---|"]
@@ -119,21 +122,52 @@ def domain_gap_table(model, tokenize, corpora: dict[str, str], pairs: list[tuple
     return "\n".join(lines), rows
 
 
-def run_domain_gap(args) -> int:
-    """CLI entry: --model DIR | --open-clip CKPT [--arch], --corpus name=path (≥ 2), [--pair a:b …]."""
+# --------------------------------------------------------------------------- vip analyze domain-gap
+def parse_corpora(cfg) -> tuple[dict[str, str], list[tuple[str, str]] | None]:
+    """analyze.corpora (NAME=PATH …) and analyze.pairs (A:B …) → ({name: path}, pairs or None);
+    ConfigError naming the override when they are missing or malformed."""
+    from vip.config import ConfigError
+    from vip.eval.models import require_path
+    corpora: dict[str, str] = {}
+    for item in cfg.corpora:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"analyze.corpora: {item!r} is not NAME=PATH")
+        if name in corpora:
+            raise ConfigError(f"analyze.corpora: {name!r} is named twice")
+        require_path(path, f"analyze.corpora[{name}]")
+        corpora[name] = path
+    if len(corpora) < 2:
+        raise ConfigError("missing corpora: set analyze.corpora=[NAME=PATH,NAME=PATH,…] (at least two)")
+    pairs = []
+    for item in cfg.pairs:
+        a, sep, b = item.partition(":")
+        if not sep or a not in corpora or b not in corpora:
+            raise ConfigError(f"analyze.pairs: {item!r} is not A:B with A and B in analyze.corpora ({sorted(corpora)})")
+        pairs.append((a, b))
+    if cfg.n < 1 or cfg.repeats < 1:
+        raise ConfigError(f"analyze.n and analyze.repeats must be ≥ 1 (got {cfg.n}, {cfg.repeats})")
+    return corpora, pairs or None
+
+
+def run_domain_gap(cfg) -> int:
+    """`vip analyze domain-gap` on an AnalyzeConfig: print the table, write the rows to cfg.out."""
     import torch
-    from vip.config import EvalConfig
-    from vip.eval.retrieval_eval import load_eval_model, pick_device, tokenizer_for
-    cfg = EvalConfig(model=args.model, open_clip=args.open_clip, arch=args.arch, device=args.device)
-    device = pick_device(cfg.device)
-    model, mcfg, _ = load_eval_model(cfg, device)
-    tokenize = tokenizer_for(mcfg.arch, model.context_length)
-    corpora = dict(c.split("=", 1) for c in args.corpus)
-    pairs = [tuple(p.split(":", 1)) for p in args.pair] or None
-    with torch.no_grad():
-        table, rows = domain_gap_table(model, tokenize, corpora, pairs, args.n, args.repeats, args.seed,
-                                       args.field, device)
+
+    from shards.atomic import write_json
+    from vip.eval.models import command_runtime, load_eval_model, require_model
+    from vip.model.archs import tokenizer_for
+    require_model(cfg, "analyze")
+    corpora, pairs = parse_corpora(cfg)
+    with command_runtime(cfg.device, "fp32") as rt:
+        model, mcfg, _ = load_eval_model(cfg, rt)
+        tokenize = tokenizer_for(cfg.tokenizer or mcfg.arch, model.context_length)
+        with torch.no_grad():
+            table, rows = domain_gap_table(model, tokenize, corpora, pairs, cfg.n, cfg.repeats, cfg.seed,
+                                           cfg.text_field, rt.device, cfg.batch_size)
+    if not rt.is_main:
+        return 0
     print(table)
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=2))
+    if cfg.out:
+        write_json(cfg.out, rows, indent=2)
     return 0

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from shards.atomic import write_json, write_text
 from vip.config import save_config
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,30 @@ class CheckpointManager:
         tags = self.complete_tags()
         return tags[-1] if tags else None
 
-    def save(self, engine, step: int, client_state: dict, config) -> str:
-        """Every rank calls this; returns the tag. Per-rank state is gathered into the client state."""
+    def save(self, engine, loader, config) -> str:
+        """Checkpoint a vip.train.engine.Engine and the data position of `loader` (every rank calls
+        this); returns the tag."""
+        import dataclasses
+        client = {"step": engine.global_steps, "counters": engine.counters, "config": dataclasses.asdict(config),
+                  "rank_state": {"data": loader.state_dict()}}
+        return self.save_state(engine.ds, engine.global_steps, client, config)
+
+    def resume(self, engine, loader, resume: str) -> str | None:
+        """train.resume: auto (latest complete checkpoint, if any) | none | a tag folder. Restores
+        weights, optimiser, schedule, counters, this rank's RNG and data position; returns the tag."""
+        tag = self.latest() if resume == "auto" else (None if resume == "none" else Path(resume).name)
+        if tag is None:
+            return None
+        client = self.load(engine.ds, tag)
+        loader.load_state_dict(client["rank_state"]["data"])
+        engine.counters.update(client.get("counters", {}))
+        log.info("rank %d resumed from %s at step %d (data position %s)", self.rank, tag, engine.global_steps,
+                 loader.position)
+        return tag
+
+    def save_state(self, engine, step: int, client_state: dict, config) -> str:
+        """Every rank calls this with a DeepSpeed engine; returns the tag. Per-rank state is
+        gathered into the client state."""
         tag = tag_for(step)
         per_rank = [None] * self.world
         local = {"rng": rng_state(), **client_state.pop("rank_state", {})}
@@ -70,12 +93,8 @@ class CheckpointManager:
             dist.barrier()
         if self.rank == 0:
             save_config(config, self.dir / tag / "config.yaml")
-            marker = self.dir / tag / MARKER
-            tmp = marker.with_name(MARKER + ".tmp")
-            tmp.write_text(json.dumps({"step": step, "time": time.time(), "world": self.world}))
-            os.replace(tmp, marker)
-            (self.dir / "latest.tmp").write_text(tag)
-            os.replace(self.dir / "latest.tmp", self.dir / "latest")
+            write_json(self.dir / tag / MARKER, {"step": step, "time": time.time(), "world": self.world})
+            write_text(self.dir / "latest", tag)
             self._prune()
             log.info("checkpoint %s saved in %.1fs", tag, time.perf_counter() - t0)
         if self.world > 1:

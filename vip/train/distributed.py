@@ -19,14 +19,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from vip.train.runtime import world_info
+
 Tensor = torch.Tensor
-
-
-def world_info(group=None) -> tuple[int, int]:
-    """(rank, world size); (0, 1) when torch.distributed is not initialised."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
 
 
 def _all_gather(x: Tensor, group=None) -> Tensor:
@@ -67,3 +62,12 @@ def gather_features(x: Tensor | None, group=None) -> Tensor | None:
     if x.dtype == torch.bool:
         return _all_gather(x.to(torch.uint8).contiguous(), group).bool()
     return _all_gather(x.contiguous(), group)
+
+
+def same_batch_size(n: int, device) -> bool:
+    """True when every rank holds n samples (a short batch anywhere → the step skips it everywhere)."""
+    if world_info()[1] == 1:
+        return True
+    t = torch.tensor([n, -n], device=device, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t[0]) == n and int(-t[1]) == n

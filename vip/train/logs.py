@@ -1,4 +1,4 @@
-"""Training observability: throughput meter, JSONL metrics and TensorBoard (rank 0 only)."""
+"""Training observability: throughput meter, JSONL metrics + TensorBoard (rank 0), per-rank key logs."""
 from __future__ import annotations
 
 import json
@@ -63,6 +63,44 @@ class MetricsLog:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+class TrainLog:
+    """What a training loop reports: per micro-batch throughput (and consumed keys when
+    train.log_keys), per optimiser step a metrics record and a log line every log_every steps."""
+
+    def __init__(self, out: str | Path, rank: int, world: int, log_every: int, total_steps: int,
+                 tensorboard: bool = True, log_keys: bool = False):
+        self.metrics = MetricsLog(out, enabled=rank == 0, tensorboard=tensorboard)
+        self.meter = Throughput()
+        self.rank, self.world, self.every, self.total = rank, world, log_every, total_steps
+        self._keys = None
+        if log_keys:
+            (Path(out) / "keys").mkdir(parents=True, exist_ok=True)
+            self._keys = open(Path(out) / "keys" / f"rank{rank}.jsonl", "a")
+
+    def micro(self, step: int, micro: int, keys: list, data_wait: float) -> None:
+        self.meter.update(len(keys) * self.world, data_wait)
+        if self._keys is not None:
+            self._keys.write(json.dumps({"step": step, "micro": micro, "keys": keys}) + "\n")
+            self._keys.flush()
+
+    def step(self, step: int, loss, terms: dict, extra: dict) -> None:
+        """After optimiser step `step`: a record + log line on rank 0 every log_every steps."""
+        if self.rank != 0 or not (step % self.every == 0 or step == self.total):
+            return
+        rate = self.meter.read(self.world)
+        rec = {"loss": float(loss), **{f"loss_{k}": float(v) for k, v in terms.items()}, **extra, **rate}
+        self.metrics.write(step, "train", rec)
+        log.info("step %d/%d loss %.4f lr %.2e scale %.1f | %.1f samples/s (%.1f/gpu) data wait %.0f%%", step,
+                 self.total, rec["loss"], rec.get("lr", float("nan")), rec.get("logit_scale", float("nan")),
+                 rate["samples_per_s"], rate["samples_per_s_per_gpu"], 100 * rate["data_wait_share"])
+        self.meter.reset()
+
+    def close(self) -> None:
+        if self._keys is not None:
+            self._keys.close()
+        self.metrics.close()
 
 
 def read_metrics(path: str | Path) -> list[dict]:

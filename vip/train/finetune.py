@@ -1,0 +1,146 @@
+"""`vip finetune`: downstream text↔video retrieval fine-tuning with DeepSpeed.
+
+Each step samples one caption per video and T frames with training jitter;
+the loss is the symmetric InfoNCE over features gathered across ranks
+(vip.train.objectives), stepped by the same engine as pretraining
+(vip.train.engine). After every epoch the model is evaluated on the validation
+split (vip.eval) and the best epoch (validation t2v R@1, then R@5) is exported
+to `<train.out>/best`. Optimiser, batch sizes, precision and seed come from the
+shared optim / train / data sections (preset `finetune`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from shards.reader import normalise
+from shards.video import decode_frames, sample_indices
+from vip.config import Config, EvalConfig, FinetuneConfig, save_config
+from vip.train.launcher import failure_report, launcher_main
+
+log = logging.getLogger("vip.finetune")
+
+
+class TrainVideos(Dataset):
+    """(video [T, 3, H, W], caption) with one caption and frame jitter drawn per (seed, epoch, item)."""
+
+    def __init__(self, cfg: FinetuneConfig, size: int, seed: int):
+        from vip.eval.videos import index_folder, read_annotations
+        items = read_annotations(cfg.annotations, cfg.paragraph)
+        files = index_folder(cfg.videos)
+        missing = [it.clip_id for it in items if it.clip_id not in files]
+        if missing:
+            log.warning("%d training videos missing (skipped): %s", len(missing), missing[:5])
+        self.items = [it for it in items if it.clip_id in files]
+        self.files, self.cfg, self.size, self.seed, self.epoch = files, cfg, size, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        from vip.eval.videos import count_frames
+        it = self.items[i]
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        data = self.files[it.clip_id].read_bytes()
+        idx = sample_indices(count_frames(data), self.cfg.num_frames, True, rng)
+        frames = decode_frames(data, idx, self.size, self.cfg.resize)
+        return it.clip_id, normalise(frames), it.texts[int(rng.integers(len(it.texts)))]
+
+
+class Collate:
+    """Samples → {"key": [B], "video": [B, T, 3, H, W], "text": [B, L] token ids}."""
+
+    def __init__(self, tokenize):
+        self.tokenize = tokenize
+
+    def __call__(self, samples):
+        return {"key": [k for k, _, _ in samples], "video": torch.stack([v for _, v, _ in samples]),
+                "text": self.tokenize([t for _, _, t in samples])}
+
+
+def finetune(cfg: Config) -> int:
+    from vip.train.runtime import init_runtime
+    rt = init_runtime(precision=cfg.train.precision, training=True)
+    with failure_report({"rank": rt.rank, "step": 0}) as where:
+        return _finetune(cfg, rt, where)
+
+
+def _finetune(cfg: Config, rt, where: dict) -> int:
+    from vip.eval.retrieval import evaluate
+    from vip.model import build_model
+    from vip.model.archs import image_size, tokenizer_for
+    from vip.model.convert import load_weights_into, read_model_config
+    from vip.train.engine import build_engine, train_step
+    from vip.train.logs import MetricsLog
+    from vip.train.objectives import RetrievalObjective
+
+    fc, tc = cfg.finetune, cfg.train
+    out = Path(tc.out)
+    if rt.is_main:
+        save_config(cfg, out / "config.yaml")
+    torch.manual_seed(tc.seed)
+    model_cfg = dataclasses.replace(read_model_config(fc.init_from), pretrained=None)
+    model = build_model(model_cfg)
+    load_weights_into(model, fc.init_from)
+    tokenize = tokenizer_for(model_cfg.arch, fc.context_length)
+    data = TrainVideos(fc, image_size(model), tc.seed)
+    micro = cfg.data.batch_size
+    sampler = torch.utils.data.distributed.DistributedSampler(data, rt.world, rt.rank, shuffle=True, seed=tc.seed,
+                                                              drop_last=True)
+    loader = DataLoader(data, batch_size=micro, sampler=sampler, num_workers=fc.num_workers,
+                        collate_fn=Collate(tokenize), drop_last=True)
+    steps_per_epoch = len(loader) * micro * rt.world // tc.global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(data)} training videos are fewer than one global batch ({tc.global_batch})")
+    engine = build_engine(model, rt, tc, cfg.optim, micro, steps_per_epoch * fc.epochs)
+    objective = RetrievalObjective(rt)
+    val = EvalConfig(annotations=fc.val_annotations, videos=fc.val_videos or fc.videos,
+                     num_frames=fc.num_frames, resize=fc.resize, paragraph=fc.paragraph, batch_size=micro)
+    metrics = MetricsLog(out, enabled=rt.is_main, tensorboard=False)
+    best, best_key = None, (-1.0, -1.0)
+    for epoch in range(fc.epochs):
+        sampler.set_epoch(epoch)
+        data.epoch = epoch
+        engine.ds.train()
+        losses = []
+        for batch in loader:
+            where["step"] = engine.global_steps
+            res = train_step(engine, batch, objective)
+            if not res.skipped:
+                losses.append(res.loss)
+        engine.ds.eval()
+        loss = float(torch.stack(losses).mean()) if losses else float("nan")
+        res = evaluate(engine.module, val, tokenize, rt, name=f"epoch {epoch + 1}", progress=rt.is_main)
+        m = res["metrics"]
+        if rt.is_main:
+            metrics.write(engine.global_steps, "finetune", {"epoch": epoch + 1, "loss": loss, **engine.counters,
+                                                            **{f"val_{k}": v for k, v in m.items()}})
+            log.info("epoch %d/%d loss %.4f | val t2v R@1 %.1f R@5 %.1f R@10 %.1f | v2t R@1 %.1f", epoch + 1,
+                     fc.epochs, loss, m["t2v_R@1"], m["t2v_R@5"], m["t2v_R@10"], m["v2t_R@1"])
+        key = (m["t2v_R@1"], m["t2v_R@5"])
+        if key > best_key:  # same on every rank: the metrics come from gathered features
+            best_key, best = key, epoch + 1
+            if rt.is_main:
+                engine.export(model_cfg, out / "best")
+                (out / "best" / "selection.json").write_text(json.dumps(
+                    {"epoch": best, "val_metrics": m, "criterion": "val t2v R@1, then R@5"}, indent=2))
+    if rt.is_main:
+        log.info("best epoch %d (val t2v R@1 %.1f) exported to %s", best, best_key[0], out / "best")
+    metrics.close()
+    return 0
+
+
+def main(argv=None) -> int:
+    return launcher_main(finetune, "vip finetune", argv, default_preset="finetune")
+
+
+if __name__ == "__main__":
+    from vip.train.launcher import exit_now
+    exit_now(main())

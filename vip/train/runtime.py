@@ -1,0 +1,90 @@
+"""Where this process runs: rank, world size, device and compute dtype, resolved in one place.
+
+Every command that touches a model (pretraining, fine-tuning, evaluation, benchmarks) asks
+`init_runtime` once and passes the `Runtime` down. Under a launcher (deepspeed, torchrun, a
+scheduler) the rank and world come from its environment; a bare `python -m …` is a world of
+one. GPUs use nccl, CPUs gloo.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    precision: str                   # bf16 | fp16 | fp32 (resolved, never "auto")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.precision]
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """auto → bf16 on GPUs that support it, fp32 otherwise (CPU)."""
+    if precision == "auto":
+        cuda_bf16 = device_type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return "bf16" if cuda_bf16 else "fp32"
+    if precision not in DTYPES:
+        raise ValueError(f"precision must be auto|bf16|fp16|fp32, got {precision!r}")
+    return precision
+
+
+def world_info(group=None) -> tuple[int, int]:
+    """(rank, world size); (0, 1) when torch.distributed is not initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on `host` a moment ago (for a world of one, and tests)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def pick_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    """auto → this process's GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(device)
+
+
+def init_runtime(device: str = "auto", precision: str = "auto", training: bool = False) -> Runtime:
+    """Join the launcher's process group and pick the device.
+
+    training=True always joins a group through DeepSpeed (its engine needs one; a bare run
+    becomes a world of one on 127.0.0.1 and a free port). Otherwise a group is joined only
+    when launched with WORLD_SIZE > 1 (e.g. `torchrun … vip eval`)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        if training:
+            import deepspeed
+            if "MASTER_ADDR" not in os.environ:          # a bare `python -m …`: one local process
+                os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
+                                  LOCAL_RANK="0", WORLD_SIZE="1")
+            deepspeed.init_distributed(dist_backend=backend)
+        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            dist.init_process_group(backend)
+    rank, world = world_info()
+    return Runtime(rank=rank, world=world, local_rank=local_rank, device=dev,
+                   precision=resolve_precision(precision, dev.type))
