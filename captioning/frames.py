@@ -9,7 +9,6 @@ in light CPU tasks.
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Optional
 

@@ -19,8 +19,8 @@ Modes:
                      (run once on every node, e.g. from srun or a Kubernetes pod; no ssh).
                      Under SLURM the node rank, node count and master address are read
                      from SLURM_NODEID, SLURM_NNODES and the first host of SLURM_JOB_NODELIST.
-                     SIGTERM/SIGINT are passed on to the launcher's process group (the ranks
-                     checkpoint and stop); the exit status is the launcher's.
+                     A SIGTERM/SIGINT to this script is passed on to the launcher and the ranks
+                     (they checkpoint and stop); the exit status is the launcher's.
 
 Options:
   --nproc N          processes per node (default: the node's GPUs, or 2 on a CPU machine)
@@ -35,18 +35,9 @@ Options:
 EOF
 }
 
-die() { echo "pretrain.sh: $*" >&2; exit 2; }
-# the value of option $1 is $2: it must be there and must not be the next option or `--`
-need_value() { [[ $# -ge 2 && "$2" != --* ]] || die "$1 needs a value (see --help)"; }
-# int_opt VAR NAME VALUE MIN [MAX]: VAR=VALUE when it is a decimal integer in range, else exit 2
-int_opt() {
-  local v="$3"
-  [[ "$v" =~ ^[0-9]{1,9}$ ]] || die "$2 needs an integer, got '$v'"
-  v=$((10#$v))                                  # no octal surprises from leading zeros
-  (( v >= $4 )) || die "$2 must be at least $4, got $v"
-  [[ -z "${5:-}" ]] || (( v <= $5 )) || die "$2 must be at most $5, got $v"
-  printf -v "$1" '%d' "$v"
-}
+PROG=pretrain.sh
+# shellcheck source=launch/args.sh
+source "$(dirname "${BASH_SOURCE[0]}")/args.sh"     # die, need_value, int_opt
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"     # paths in the config stay relative to the caller's cwd
 
@@ -102,27 +93,31 @@ if [[ -n "$NODE_RANK" ]]; then
   DS+=(--hostfile "$HF" --no_ssh --node_rank "$NODE_RANK" --num_nodes "$NNODES" --num_gpus "$NPROC"
        --master_addr "$MASTER_ADDR_OPT" --module vip.train "$@")
   [[ "$DRY_RUN" == 0 ]] || { show "${DS[@]}"; exit 0; }
-  # not exec: the hostfile is removed when the launcher ends. The launcher runs in its own process
-  # group (set -m) so that a SIGTERM/SIGINT sent to this script (preemption, Ctrl-C) can be passed
-  # on to all of it, ranks included; this script then waits for that group to finish.
-  set -m
+  # not exec: the hostfile is removed (EXIT trap) when the launcher ends. A SIGTERM/SIGINT/SIGHUP
+  # sent to this script alone (preemption of a pod, Ctrl-C) is passed on to the launcher's whole
+  # process tree, ranks included (they checkpoint and stop), and this script waits for all of it.
   "${DS[@]}" &
-  CHILD=$!
-  set +m
-  SIGNALLED=0 FORWARDED=0
-  forward() { SIGNALLED=1 FORWARDED=1; kill -"$1" -- "-$CHILD" 2>/dev/null || true; }
+  CHILD=$! TREE=() SIGNALLED=0 FORWARDED=0
+  # shellcheck disable=SC2317  # called from forward()
+  tree() { local c; for c in $(pgrep -P "$1" 2>/dev/null); do tree "$c"; done; echo "$1"; }
+  # shellcheck disable=SC2317  # called from the traps below
+  forward() {
+    SIGNALLED=1 FORWARDED=1
+    if kill -0 "$CHILD" 2>/dev/null; then mapfile -t TREE < <(tree "$CHILD"); fi
+    kill -"$1" "${TREE[@]}" 2>/dev/null || true
+  }
   trap 'forward TERM' TERM
   trap 'forward INT' INT
   trap 'forward HUP' HUP
   while :; do
     FORWARDED=0
-    rc=0; wait "$CHILD" || rc=$?
-    # a trapped signal interrupts `wait` (status > 128): wait again for the launcher itself
-    (( FORWARDED && rc > 128 )) || break
+    rc=0; wait "$CHILD" 2>/dev/null || rc=$?
+    # a trapped signal interrupts `wait` (status > 128): wait again while the launcher is still there
+    if ! (( FORWARDED && rc > 128 )) || ! kill -0 "$CHILD" 2>/dev/null; then break; fi
   done
   # after a signal the ranks may still be checkpointing when the launcher is gone: wait for them
-  if (( SIGNALLED )); then
-    while kill -0 -- "-$CHILD" 2>/dev/null; do sleep 0.5; done
+  if (( SIGNALLED && ${#TREE[@]} )); then
+    while kill -0 "${TREE[@]}" 2>/dev/null; do sleep 0.5; done
   fi
   exit "$rc"
 elif [[ -n "$HOSTFILE" ]]; then

@@ -124,3 +124,23 @@ def test_load_config_runs_the_cross_field_checks():
     with pytest.raises(ConfigError, match="build.aspect=square"):
         load_config("tiny", ["data.resize=crop"])
     assert load_config("tiny", ["data.resize=crop", "build.aspect=keep"]).data.resize == "crop"
+
+
+def test_finetune_reuses_the_shared_sections_and_faults_live_in_debug():
+    """One place per setting: fine-tuning takes lr, batch sizes, precision, seed and output from
+    optim / train / data (the finetune preset sets the reference values); fault injection is
+    only in `debug`."""
+    import dataclasses
+
+    from vip.config import DebugConfig, FinetuneConfig, OptimConfig, TrainConfig
+    ft = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    shared = {f.name for f in dataclasses.fields(OptimConfig)} | {f.name for f in dataclasses.fields(TrainConfig)}
+    assert not ft & shared, ft & shared
+    cfg = load_config("finetune", ["optim.lr=1e-3"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.train.global_batch, cfg.data.batch_size) == (1e-3, 0.2, 128, 16)
+    for moved in ("train.fault_step=2", "caption.fault_exit_chunk=1", "finetune.lr=1e-3"):
+        with pytest.raises(ConfigError, match="unknown field"):
+            load_config("tiny", [moved])
+    d = load_config("tiny", ["debug.fault_step=2", "debug.fault_rank=1", "debug.caption_fault_exit_chunk=3"]).debug
+    assert d == DebugConfig(fault_step=2, fault_rank=1, caption_fault_exit_chunk=3)
+    assert load_config("tiny").debug == DebugConfig()          # all off by default

@@ -33,7 +33,7 @@ def test_finetune_selects_best_validation_epoch(tmp_path, palette, write_video, 
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
     # the finetune preset (default of `vip finetune`) + the shared optim/train/data sections
     args = [f"finetune.annotations={tmp_path}/train.jsonl", f"finetune.videos={vids}",
-            f"finetune.val_annotations={tmp_path}/val.jsonl", f"finetune.init_from={tmp_path}/init",
+            f"finetune.val_annotations={tmp_path}/val.jsonl", f"train.init_from={tmp_path}/init",
             f"train.out={tmp_path}/ft", "finetune.epochs=3", "optim.lr=1e-3", "train.global_batch=4",
             "data.batch_size=4", "finetune.num_frames=4", "finetune.num_workers=1",
             "finetune.context_length=32"]

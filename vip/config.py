@@ -90,7 +90,8 @@ class TrainConfig:
     on_nonfinite: Literal["skip", "stop"] = "skip"   # skip the step (and report it) | stop
     max_nonfinite: int = 20        # give up after this many consecutive non-finite losses
     tensorboard: bool = True
-    init_from: Optional[str] = None  # exported vip weights to start from (instead of model.pretrained)
+    init_from: Optional[str] = None  # exported vip weights to start from (instead of model.pretrained);
+    #                                  vip finetune: the exported model to fine-tune (required; its config is used)
     log_keys: bool = False         # write each rank's consumed sample keys per step (resume audits, tests)
 
 
@@ -143,8 +144,9 @@ class AnalyzeConfig:
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Downstream retrieval fine-tuning (`vip finetune`): the dataset and the schedule in epochs.
-    Optimiser, batch sizes, precision, seed and output folder come from the shared `optim`,
-    `train` (global_batch, precision, zero_stage, seed, out) and `data` (batch_size) sections;
+    The model to start from, optimiser, batch sizes, precision, seed and output folder come
+    from the shared `optim`, `train` (init_from, global_batch, precision, zero_stage, seed, out)
+    and `data` (batch_size) sections;
     the `finetune` preset sets the reference values (lr 1e-6, wd 0.2, batch 128, 12 frames;
     epochs MSR-VTT 5 / DiDeMo 20 / LSMDC 10 / ActivityNet 20). The best epoch is chosen on the
     validation split (never on test)."""
@@ -153,7 +155,6 @@ class FinetuneConfig:
     videos: str = ""               # folder of the train videos
     val_annotations: str = ""      # validation jsonl (model selection)
     val_videos: Optional[str] = None  # default: videos
-    init_from: str = ""            # exported vip model (vip export / end of pretraining)
     epochs: int = 5
     num_frames: int = 12
     context_length: int = 70
@@ -335,7 +336,11 @@ def load_config(preset: Optional[str] = None, overrides: Sequence[str] = (), cls
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {p} is not a section")
         node[path[-1]] = value
-    return _from_dict(cls, data)
+    cfg = _from_dict(cls, data)
+    if isinstance(cfg, Config):
+        from vip.checks import validate_config
+        validate_config(cfg)
+    return cfg
 
 
 def _load_yaml_chain(path: Path, depth: int = 0) -> dict:

@@ -86,9 +86,11 @@ def _finetune(cfg: Config, rt, where: dict) -> int:
     if rt.is_main:
         save_config(cfg, out / "config.yaml")
     torch.manual_seed(tc.seed)
-    model_cfg = dataclasses.replace(read_model_config(fc.init_from), pretrained=None)
+    if not tc.init_from:
+        raise ValueError("vip finetune needs the exported model to start from: set train.init_from=DIR")
+    model_cfg = dataclasses.replace(read_model_config(tc.init_from), pretrained=None)
     model = build_model(model_cfg)
-    load_weights_into(model, fc.init_from)
+    load_weights_into(model, tc.init_from)
     tokenize = tokenizer_for(model_cfg.arch, fc.context_length)
     data = TrainVideos(fc, image_size(model), tc.seed)
     micro = cfg.data.batch_size
