@@ -25,7 +25,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from shards.atomic import atomic_path
+from shards.atomic import atomic_path, write_text
 from shards.config import SynthConfig
 
 log = logging.getLogger(__name__)
@@ -236,7 +236,7 @@ def make_corpus(cfg: SynthConfig) -> dict:
                                 "texture": c.texture,
                                 "caption": describe(c.colour, c.shape, c.direction, 0)})
     for name, lines in (("metadata.jsonl", meta_lines), ("subtitles.jsonl", sub_lines), ("truth.jsonl", truth_lines)):
-        (out / name).write_text("".join(json.dumps(x) + "\n" for x in lines))
+        write_text(out / name, "".join(json.dumps(x) + "\n" for x in lines))
     dt = time.perf_counter() - t0
     summary = {"videos": cfg.num_videos, "clips": len(sub_lines), "frames": frames,
                "seconds": round(dt, 2), "out": str(out)}

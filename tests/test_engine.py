@@ -191,3 +191,16 @@ def test_runtime_resolves_once():
     assert resolve_precision("bf16", "cpu") == "bf16"
     with pytest.raises(ValueError, match="precision"):
         resolve_precision("fp8", "cpu")
+
+
+def test_pretrain_refuses_a_caption_loss_without_sidecars(shard_dir, tmp_path, capsys):
+    """Before any engine or process group: variant d needs caption sidecars; vs does not."""
+    from vip.train.pretrain import main, preflight
+    from vip.config import load_config
+    args = ["--config", "tiny", f"data.shards={shard_dir}", f"data.captions={tmp_path / 'none'}",
+            f"train.out={tmp_path / 'run'}"]
+    assert main(args + ["loss.variant=d"]) == 2
+    err = capsys.readouterr().err
+    assert "loss.variant=d trains on captions" in err and "vip caption" in err
+    assert not (tmp_path / "run").exists()
+    preflight(load_config("tiny", args[2:] + ["loss.variant=vs"]))        # no error

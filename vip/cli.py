@@ -5,6 +5,7 @@
     vip shards read  [--config tiny] [data.batch_size=4 …]   (stream a few batches, print throughput)
     vip demo         [--config tiny]
     vip pretrain     [--config tiny] [train.steps=100 …]      (one process; launch/pretrain.sh for many)
+    vip finetune     [--config finetune] train.init_from=DIR finetune.annotations=A.jsonl finetune.videos=DIR …
     vip caption      [--config tiny] [caption.model=… …]      (Ray job; launch/caption.sh submits `python -m vip caption`)
     vip plot         runs/pretrain/metrics.jsonl              (PNG curves)
     vip export       runs/pretrain [--out DIR]                (checkpoint → safetensors for vip.load)
@@ -19,7 +20,6 @@ import argparse
 import json
 import logging
 import sys
-import time
 
 from vip.config import ConfigError, load_config, to_dict
 

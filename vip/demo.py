@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from shards.atomic import write_json, write_text
 from vip.config import Config, save_config
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,8 @@ def run_demo(cfg: Config) -> int:
     from vip.plot import plot_metrics
     png = plot_metrics(Path(cfg.train.out) / "metrics.jsonl")
     table = format_table({"untrained": before, "pretrained": after})
-    (Path(cfg.train.out) / "retrieval.md").write_text(table + "\n")
-    (Path(cfg.train.out) / "retrieval.json").write_text(json.dumps({"untrained": before, "pretrained": after}, indent=2))
+    write_text(Path(cfg.train.out) / "retrieval.md", table + "\n")
+    write_json(Path(cfg.train.out) / "retrieval.json", {"untrained": before, "pretrained": after}, indent=2)
     print(table)
     print(f"\ncurves: {png}\nmetrics: {Path(cfg.train.out) / 'metrics.jsonl'}")
     print(f"demo finished in {time.perf_counter() - t0:.1f}s")

@@ -8,9 +8,7 @@ full disk) is never taken as the latest and the previous one stays usable.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import random
 import shutil
 import time

@@ -11,18 +11,17 @@ shared optim / train / data sections (preset `finetune`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from shards.atomic import write_json
 from shards.reader import normalise
 from shards.video import decode_frames, sample_indices
-from vip.config import Config, EvalConfig, FinetuneConfig, save_config
+from vip.config import Config, ConfigError, EvalConfig, FinetuneConfig, save_config
 from vip.train.launcher import failure_report, launcher_main
 
 log = logging.getLogger("vip.finetune")
@@ -87,7 +86,7 @@ def _finetune(cfg: Config, rt, where: dict) -> int:
         save_config(cfg, out / "config.yaml")
     torch.manual_seed(tc.seed)
     if not tc.init_from:
-        raise ValueError("vip finetune needs the exported model to start from: set train.init_from=DIR")
+        raise ConfigError("vip finetune needs the exported model to start from: set train.init_from=DIR")
     model_cfg = dataclasses.replace(read_model_config(tc.init_from), pretrained=None)
     model = build_model(model_cfg)
     load_weights_into(model, tc.init_from)
@@ -131,8 +130,8 @@ def _finetune(cfg: Config, rt, where: dict) -> int:
             best_key, best = key, epoch + 1
             if rt.is_main:
                 engine.export(model_cfg, out / "best")
-                (out / "best" / "selection.json").write_text(json.dumps(
-                    {"epoch": best, "val_metrics": m, "criterion": "val t2v R@1, then R@5"}, indent=2))
+                write_json(out / "best" / "selection.json",
+                           {"epoch": best, "val_metrics": m, "criterion": "val t2v R@1, then R@5"}, indent=2)
     if rt.is_main:
         log.info("best epoch %d (val t2v R@1 %.1f) exported to %s", best, best_key[0], out / "best")
     metrics.close()

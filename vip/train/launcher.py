@@ -61,11 +61,10 @@ def launcher_main(run, prog: str, argv=None, default_preset: str = "default") ->
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        rc = run(load_config(args.config, args.overrides))
+    except ConfigError as e:       # at load, or a preflight check before any work (e.g. no caption sidecars)
         print(f"{prog}: config error: {e}", file=sys.stderr)
-        return 2
-    rc = run(cfg)
+        rc = 2
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()   # a clean gloo shutdown: no teardown timeouts at exit

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from vip.config import Config, save_config
+from vip.config import Config, ConfigError, save_config
 from vip.train.launcher import Preemption, failure_report, launcher_main
 
 log = logging.getLogger("vip.train")
@@ -23,7 +23,7 @@ def preflight(cfg: Config) -> None:
     """Refuse, before any engine is built, a run that cannot do what its config says."""
     from shards.captions import count_sidecars
     if cfg.loss.variant != "vs" and count_sidecars(cfg.data.shards, cfg.data.captions) == 0:
-        raise ValueError(f"loss.variant={cfg.loss.variant} trains on captions, but no caption sidecars were "
+        raise ConfigError(f"loss.variant={cfg.loss.variant} trains on captions, but no caption sidecars were "
                          f"found for {cfg.data.shards} (data.captions={cfg.data.captions}): run `vip caption` "
                          "first, or use loss.variant=vs")
 
