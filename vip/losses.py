@@ -22,7 +22,7 @@ caption row and column are removed (caption terms run on the captioned sub-batch
 V→(S,C) softmax its caption is not a candidate, while its video still scores its subtitle).
 A caption term with no captioned clip is 0. Placeholder captions never enter a softmax.
 
-Distributed training: gather features with `vip.distributed.gather_features` (gradients
+Distributed training: gather features with `vip.train.distributed.gather_features` (gradients
 flow back to each rank's local slice, summed over ranks) and let every rank compute this
 same global loss; DDP/DeepSpeed then *average* gradients over ranks, which gives exactly the
 single-process gradient of the global-batch loss (tests/test_gather.py checks it).

@@ -24,7 +24,7 @@ from shards.video import decode_frames, sample_indices
 from vip.config import Config, ConfigError, EvalConfig, FinetuneConfig, save_config
 from vip.train.launcher import failure_report, launcher_main
 
-log = logging.getLogger("vip.finetune")
+log = logging.getLogger("vip.train.finetune")
 
 
 class TrainVideos(Dataset):
