@@ -4,7 +4,9 @@ One output shard is one unit of work (`build_one_shard`), run over local
 processes or Ray tasks by the same code. A shard is done when its tar and its
 part record (`_parts/shard-%06d.json`: manifest rows + skips) exist; re-running
 skips done shards. At the end the parts are merged into `manifest.parquet` and
-`shards.json` (per-shard sample counts the reader plans with).
+`shards.json` (per-shard sample counts the reader plans with), and the skips recorded in
+the parts of shards done by an earlier run join the summary: a re-run reports the same skip
+counts as the first run.
 """
 from __future__ import annotations
 
@@ -128,6 +130,7 @@ class BuildSummary:
     shards_built: int = 0
     shards_already_done: int = 0
     shards_failed: int = 0
+    shards_empty: int = 0                 # every clip skipped: listed with 0 samples, dropped by the reader
     clips_written: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
@@ -148,6 +151,8 @@ class BuildSummary:
                  f"| clips skipped | {self.skips.total} |"]
         for reason, n in sorted(self.skips.counts.items()):
             lines.append(f"| skipped: {reason} | {n} |")
+        if self.shards_empty:
+            lines.append(f"| empty shards (every clip skipped; the reader drops them) | {self.shards_empty} |")
         for f in self.failures:
             lines.append(f"| FAILED shard | {f} |")
         return "\n".join(lines)
@@ -225,6 +230,7 @@ def build_shards(cfg: ShardBuildConfig) -> BuildSummary:
     summary = BuildSummary()
     pool = _RayPool(cfg.ray_address, cfg.workers) if cfg.ray_address else _LocalPool(cfg.workers)
     pending: dict = {}
+    done_before: list[int] = []          # shards an earlier run finished: their skips are in their parts
     bar = tqdm(desc="shards", unit="shard", dynamic_ncols=True)
     try:
         def drain(block_until: int):
@@ -241,6 +247,7 @@ def build_shards(cfg: ShardBuildConfig) -> BuildSummary:
             summary.shards_total += 1
             if is_done(out, task.index):
                 summary.shards_already_done += 1
+                done_before.append(task.index)
                 bar.update(1)
                 continue
             pending[pool.submit(task)] = task.index
@@ -249,7 +256,10 @@ def build_shards(cfg: ShardBuildConfig) -> BuildSummary:
     finally:
         bar.close()
         pool.close()
-    merge_manifest(out)
+    index, part_skips = _merge_parts(out)
+    summary.shards_empty = sum(1 for s in index["shards"] if s["num_samples"] == 0)
+    for i in done_before:                # video-level skips (missing_video, …) of shards not rebuilt
+        summary.skips.merge(_skiplog(part_skips.get(i, {})))
     summary.seconds = time.perf_counter() - t0
     log.info("build: %d shards built, %d already done, %d failed; %d clips, %.1f clips/s, %d skipped",
              summary.shards_built, summary.shards_already_done, summary.shards_failed,
@@ -265,18 +275,29 @@ def _account(summary: BuildSummary, result: ShardResult) -> None:
         summary.shards_built += 1
     summary.clips_written += result.written
     summary.bytes_written += result.bytes
+    summary.skips.merge(_skiplog(result.skips))
+
+
+def _skiplog(skips: dict) -> SkipLog:
+    """A SkipLog from its to_dict() form (a shard result or a part record); nothing is logged again."""
     part = SkipLog()
-    part.counts.update(result.skips.get("counts", {}))
-    part.examples = {k: list(v) for k, v in result.skips.get("examples", {}).items()}
-    summary.skips.merge(part)
+    part.counts.update(skips.get("counts", {}))
+    part.examples = {k: list(v) for k, v in skips.get("examples", {}).items()}
+    return part
 
 
 def merge_manifest(out: str | Path) -> dict:
     """Parts → manifest.parquet (one row per sample) and shards.json (per-shard counts)."""
+    return _merge_parts(out)[0]
+
+
+def _merge_parts(out: str | Path) -> tuple[dict, dict]:
+    """merge_manifest, also returning each done shard's recorded skips ({index: SkipLog dict}),
+    so that every part is read once."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     out = Path(out)
-    rows, shards = [], []
+    rows, shards, skips = [], [], {}
     for tar in sorted(out.glob("shard-*.tar")):
         index = int(tar.stem.split("-")[1])
         part = part_path(out, index)
@@ -284,6 +305,7 @@ def merge_manifest(out: str | Path) -> dict:
             continue
         data = json.loads(part.read_text())
         rows.extend(data["rows"])
+        skips[index] = data.get("skips", {})
         shards.append({"name": tar.name, "num_samples": len(data["rows"]), "bytes": tar.stat().st_size})
     schema = pa.schema([("shard", pa.string()), ("key", pa.string()), ("clip_id", pa.string()),
                         ("video_id", pa.string()), ("duration", pa.float64()), ("num_frames", pa.int32()),
@@ -293,4 +315,4 @@ def merge_manifest(out: str | Path) -> dict:
         pq.write_table(table, tmp)
     index = {"num_samples": len(rows), "shards": shards}
     write_json(out / "shards.json", index)
-    return index
+    return index, skips

@@ -7,6 +7,10 @@ stream is the concatenation of its epochs; batch b is stream positions
 [b·B, (b+1)·B), produced by DataLoader worker b mod W. Nothing here depends on
 the number of workers, so a position (epoch, offset) fully describes where a
 rank is, and restoring it is O(1) in the position.
+
+Every shard of a planned set holds at least one sample (`ShardSet.without_empty`; the reader
+drops 0-sample shards when it loads a set) and there are at least as many shards as ranks, so
+every rank has at least one sample in every epoch: a rank's stream never runs dry.
 """
 from __future__ import annotations
 
@@ -23,10 +27,21 @@ class ShardSet:
     root: str
     names: tuple
     counts: tuple
+    empty: tuple = ()       # names of 0-sample shards dropped from the set (never planned nor read)
 
     @property
     def num_samples(self) -> int:
         return int(sum(self.counts))
+
+    def without_empty(self) -> "ShardSet":
+        """This set without its 0-sample shards (a shard whose every clip was skipped at build
+        time); their names go to `empty`. The set itself when no shard is empty."""
+        keep = [i for i, c in enumerate(self.counts) if int(c) > 0]
+        if len(keep) == len(self.names):
+            return self
+        dropped = tuple(n for n, c in zip(self.names, self.counts) if int(c) <= 0)
+        return ShardSet(root=self.root, names=tuple(self.names[i] for i in keep),
+                        counts=tuple(self.counts[i] for i in keep), empty=self.empty + dropped)
 
 
 @dataclass(frozen=True)
@@ -35,6 +50,13 @@ class Position:
 
     epoch: int = 0
     offset: int = 0
+
+
+def too_few_shards(shards: ShardSet, world: int) -> str:
+    """The error of a shard set with fewer (non-empty) shards than ranks: a config problem."""
+    empty = f" (plus {len(shards.empty)} empty shards, dropped)" if shards.empty else ""
+    return (f"{len(shards.names)} shards for {world} ranks in {shards.root}{empty}: every rank needs at least one "
+            f"non-empty shard per epoch; build more, smaller shards (build.clips_per_shard) or run fewer ranks")
 
 
 class RankPlan:
@@ -46,9 +68,13 @@ class RankPlan:
         self.shards, self.rank, self.world = shards, rank, world
         self.seed, self.shuffle, self.group = seed, shuffle, max(1, shuffle_shards)
         self._counts = np.asarray(shards.counts, dtype=np.int64)
+        if (self._counts <= 0).any():
+            # a rank dealt only empty shards would have an empty epoch: its stream would stop
+            raise ValueError(f"{int((self._counts <= 0).sum())} of {len(self._counts)} shards in {shards.root} "
+                             "have no samples: plan ShardSet.without_empty() (the reader does)")
         if len(self._counts) < world:
             # fewer shards than ranks: some rank would have no data at all
-            raise ValueError(f"{len(self._counts)} shards for {world} ranks: need at least one shard per rank")
+            raise ValueError(too_few_shards(shards, world))
         self.epoch_cached = lru_cache(maxsize=3)(self._epoch)
 
     def _rng(self, *salt: int) -> np.random.Generator:

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards.captions import read_sidecar, sidecar_path
 from shards.config import DataConfig
-from shards.plan import Position, RankPlan, ShardSet
+from shards.plan import Position, RankPlan, ShardSet, too_few_shards
 from shards.tarindex import TarReader, index_tar
 from shards.video import decode_frames, decode_jpeg, sample_indices
 
@@ -47,11 +47,26 @@ log = logging.getLogger(__name__)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 STATE_VERSION = 1
+# read-time events whose sample is still yielded (a short clip repeats frames): not a lost sample
+KEPT_EVENTS = frozenset({"short_clip_padded"})
 
 
 # --------------------------------------------------------------------------- shard set
+_warned_once: set = set()
+
+
+def _warn_once(key: tuple, msg: str, *args) -> None:
+    """log.warning once per process for `key` (a shard set is loaded by every loader and eval)."""
+    if key not in _warned_once:
+        _warned_once.add(key)
+        log.warning(msg, *args)
+
+
 def load_shardset(root: str | Path) -> ShardSet:
-    """Shard names and counts from shards.json (written by the builder); else by indexing the tars."""
+    """Shard names and counts from shards.json (written by the builder); else by indexing the tars.
+
+    0-sample shards (every clip of the shard skipped at build time) are dropped from the set
+    (`ShardSet.empty` names them; logged once): they hold nothing to plan, read or caption."""
     root = Path(root)
     meta = root / "shards.json"
     if meta.exists():
@@ -60,11 +75,25 @@ def load_shardset(root: str | Path) -> ShardSet:
         counts = tuple(int(s["num_samples"]) for s in data["shards"])
     else:
         tars = sorted(root.glob("shard-*.tar"))
+        if tars:
+            _warn_once(("no_shards_json", str(root.resolve())),
+                       "%s has no shards.json: indexing %d tars to count their samples (the build is incomplete "
+                       "— re-run `vip shards build` to finish it and write shards.json — or this is a shard set "
+                       "not written by vip shards build)", root, len(tars))
         names = tuple(t.name for t in tars)
         counts = tuple(len(index_tar(str(t))) for t in tars)
     if not names:
         raise FileNotFoundError(f"no shards in {root} (expected shards.json or shard-*.tar)")
-    return ShardSet(root=str(root), names=names, counts=counts)
+    shards = ShardSet(root=str(root), names=names, counts=counts).without_empty()
+    if not shards.names:
+        raise ValueError(f"every shard in {root} is empty ({len(names)} shards, 0 samples): "
+                         "every clip was skipped at build time (see the build summary)")
+    if shards.empty:
+        _warn_once(("empty_shards", str(root.resolve()), len(shards.empty)),
+                   "%s: %d of %d shards have no samples (every clip skipped at build time): dropped from the "
+                   "shard set (%s%s)", root, len(shards.empty), len(names), ", ".join(shards.empty[:5]),
+                   ", …" if len(shards.empty) > 5 else "")
+    return shards
 
 
 def stored_aspect(root: str | Path) -> str | None:
@@ -312,6 +341,10 @@ class StreamLoader:
     on `device` (default: CPU) with pixels in `dtype`; workers send uint8 and the normalisation
     runs on that device. state_dict() → {"epoch", "offset", "batches", ...}: small, stored in
     checkpoints. Also counts read-time problems by reason (`events`) and the time spent waiting.
+
+    0-sample shards are dropped from the shard set; a set with fewer (non-empty) shards than
+    ranks is refused here, on every rank alike (ValueError naming the counts: a config problem),
+    so every rank has samples in every epoch and, in training, yields a batch for every step.
     """
 
     def __init__(self, cfg: DataConfig, rank: int = 0, world: int = 1, pin_memory: bool = False,
@@ -320,7 +353,11 @@ class StreamLoader:
         self.cfg, self.rank, self.world, self.pin_memory = cfg, rank, world, pin_memory
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
-        self.shards = shards or load_shardset(cfg.shards)
+        self.shards = (shards or load_shardset(cfg.shards)).without_empty()   # 0-sample shards never planned
+        if not self.shards.names:
+            raise ValueError(f"every shard in {self.shards.root} is empty: nothing to read")
+        if len(self.shards.names) < world:   # every rank must read ≥ 1 shard per epoch: a config problem
+            raise ValueError(too_few_shards(self.shards, world))
         check_resize(self.shards.root, cfg.resize)   # at open time, not on every sample
         self.position = Position()
         self.batches = 0
@@ -371,8 +408,12 @@ class StreamLoader:
                   "num_shards": len(self.shards.names)}
         for k, v in expect.items():
             if k in state and state[k] != v:
+                hint = ""
+                if k == "num_shards" and self.shards.empty and state[k] == v + len(self.shards.empty):
+                    hint = (f" (the saved plan counted the set's {len(self.shards.empty)} empty shards, which "
+                            "are now dropped from the shard set, so the sample order differs)")
                 raise ValueError(f"data state was saved with {k}={state[k]}, this run has {k}={v}: "
-                                 "the stream cannot continue exactly")
+                                 f"the stream cannot continue exactly{hint}")
         self.position = Position(int(state["epoch"]), int(state["offset"]))
         self.batches = int(state.get("batches", 0))
         self.events = collections.Counter(state.get("events", {}))

@@ -149,3 +149,56 @@ def tiny_export(tmp_path_factory):
     from vip.model.convert import export
     torch.manual_seed(0)
     return export(build_model(TINY), TINY, tmp_path_factory.mktemp("export") / "tiny")
+
+
+# --------------------------------------------------------------------------- in-process training
+@pytest.fixture(scope="session")
+def train_rt():
+    """A real process group of one (gloo on 127.0.0.1, a port chosen now) and its Runtime, for
+    DeepSpeed engines built inside the test process; torn down at the end of the session."""
+    import torch.distributed as dist
+    import deepspeed.utils.groups as ds_groups
+
+    from vip.train.runtime import free_port, init_runtime
+    if not dist.is_initialized():
+        ds_groups._WORLD_GROUP = None        # DeepSpeed caches the world group of an earlier process group
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
+                          WORLD_SIZE="1")
+    yield init_runtime(device="cpu", precision="fp32", training=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    ds_groups._WORLD_GROUP = None
+
+
+@pytest.fixture
+def tiny_engine(train_rt):
+    """tiny_engine(**train_overrides) → vip.train.engine.Engine around a fresh tiny model (seed 0,
+    micro-batch 2, global batch 2, ZeRO 1, fp32, lr 1e-3, no warmup, 100 steps)."""
+    import torch
+
+    from vip.config import OptimConfig, TrainConfig
+    from vip.model import build_model
+    from vip.train.engine import build_engine
+
+    def make(**train):
+        torch.manual_seed(0)
+        tc = TrainConfig(**{"global_batch": 2, "precision": "fp32", "zero_stage": 1, **train})
+        return build_engine(build_model(TINY), train_rt, tc, OptimConfig(lr=1e-3, warmup_ratio=0.0),
+                            micro_batch=2, total_steps=100)
+    return make
+
+
+@pytest.fixture(scope="session")
+def model_batch():
+    """model_batch(B=2, T=4, size=64, L=16) → a deterministic reader-style batch already on the CPU
+    in model form (normalised float pixels, token ids, has_caption, keys)."""
+    import torch
+
+    def make(B=2, T=4, size=64, L=16):
+        g = torch.Generator().manual_seed(1)
+        tok = torch.randint(1, 4000, (2, B, L), generator=g)
+        tok[:, :, -1] = 49407
+        return {"key": [f"k{i}" for i in range(B)], "video": torch.randn(B, T, 3, size, size, generator=g),
+                "frame": torch.randn(B, 3, size, size, generator=g), "subtitle": tok[0], "caption": tok[1],
+                "has_caption": torch.ones(B, dtype=torch.bool)}
+    return make

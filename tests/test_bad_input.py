@@ -68,11 +68,11 @@ def bad_build(corpus, small_build, tmp_path_factory):
     (root / "subtitles.jsonl").write_bytes(b"\n".join(sub_lines) + b"\n")
     cfg = small_build(corpus, root / "shards", metadata=str(root / "metadata.jsonl"),
                       subtitles=str(root / "subtitles.jsonl"), videos=str(vids), clips_per_shard=4)
-    return build_shards(cfg), good, root
+    return build_shards(cfg), good, root, cfg
 
 
 def test_each_bad_input_is_counted(bad_build):
-    summary, good, _ = bad_build
+    summary, good, _, _ = bad_build
     assert summary.skips.counts == {
         "malformed_metadata": 2, "missing_video": 1, "unreadable_video": 2, "no_video_stream": 1,
         "span_outside_video": 1, "empty_span": 2, "bad_span": 1, "missing_subtitle": 2,
@@ -85,7 +85,7 @@ def test_each_bad_input_is_counted(bad_build):
 
 
 def test_short_clip_is_padded_and_counted(bad_build, small_data):
-    summary, good, root = bad_build
+    summary, good, root, _ = bad_build
     loader = StreamLoader(small_data(root / "shards", num_frames=6, train=False, batch_size=4))
     keys = []
     for batch in loader:
@@ -144,3 +144,96 @@ def test_shards_are_never_unpickled(shard_dir, small_data, tmp_path):
     assert sum(len(b["key"]) for b in batches) == 12
     assert set(batches[0]) == {"video", "frame", "subtitle", "caption", "has_caption", "key"}
     assert not marker.exists()
+
+
+def test_rerun_reports_the_same_skips(bad_build):
+    """A re-run (resume) counts the skips recorded by the shards an earlier run finished
+    (missing_video, no_video_stream, … live in _parts/): its summary equals the first run's."""
+    first, _, _, cfg = bad_build
+    again = build_shards(cfg)
+    assert (again.shards_already_done, again.shards_built, again.clips_written) == (first.shards_total, 0, 0)
+    assert again.skips.counts == first.skips.counts
+    assert again.shards_empty == first.shards_empty == 1
+
+    def skip_lines(table):
+        return [line for line in table.splitlines() if "skipped" in line or "empty shards" in line]
+    assert skip_lines(again.table()) == skip_lines(first.table())
+
+
+def test_a_shard_whose_every_clip_was_skipped_never_crashes_training(bad_build, small_data):
+    """shard-000003 holds only unusable clips: listed with 0 samples, dropped by the reader. One rank
+    more than non-empty shards is refused when the loader is made (naming the counts); with as many
+    ranks as non-empty shards (or fewer) every rank reads every epoch."""
+    _, good, root, _ = bad_build
+    shards = root / "shards"
+    listed = json.loads((shards / "shards.json").read_text())["shards"]
+    assert [s["num_samples"] for s in listed].count(0) == 1
+    n = len(listed) - 1                                                # non-empty shards
+    with pytest.raises(ValueError, match=f"{n} shards for {n + 1} ranks .*1 empty shards, dropped"):
+        StreamLoader(small_data(shards, train=True), rank=0, world=n + 1)
+    for world in (n, 2):
+        seen = []
+        for rank in range(world):
+            loader = StreamLoader(small_data(shards, train=True, batch_size=2), rank=rank, world=world)
+            for i, _ in enumerate(loader):                             # into the 3rd epoch of this rank
+                if loader.epoch >= 2 or i > 40:
+                    break
+            assert loader.epoch >= 2
+            seen += [k for b in StreamLoader(small_data(shards, train=False), rank=rank, world=world) for k in b["key"]]
+        assert len(seen) == good + 1 and len(set(seen)) == len(seen)   # eval: every clip once
+
+
+def test_embed_shards_counts_failed_clips_not_reasons(bad_build, tiny_export, tmp_path, capsys):
+    """`vip embed eval.shards=…`: 3 clips with a garbled mp4 are 3 failures; the short clip (frames
+    repeated) is embedded and is no failure."""
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    from vip.cli import main
+    _, good, root, _ = bad_build
+    out = tmp_path / "shards"
+    shutil.copytree(root / "shards", out)
+    tar = out / "shard-000000.tar"
+    data = bytearray(tar.read_bytes())
+    with tarfile.open(tar) as tf:
+        garbled = [m for m in tf.getmembers() if m.name.endswith(".mp4")][:3]
+    for m in garbled:
+        data[m.offset_data:m.offset_data + m.size] = bytes(m.size)
+    tar.write_bytes(bytes(data))
+    emb = tmp_path / "emb.parquet"
+    assert main(["embed", f"eval.model={tiny_export}", f"eval.shards={out}", f"eval.out={emb}",
+                 "eval.num_frames=4", "eval.device=cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{good + 1 - 3} embeddings" in printed and "; 3 failed {'corrupt_member': 3}" in printed, printed
+    assert "short_clip_padded" not in printed
+    short = next(r["key"] for r in pq.read_table(out / "manifest.parquet").to_pylist() if r["clip_id"].endswith(".97.mp4"))
+    keys = pq.read_table(emb).column("key").to_pylist()
+    assert short in keys and not {m.name[:-4] for m in garbled} & set(keys)
+
+
+def test_audio_only_file_is_no_video_stream_everywhere(tiny_export, write_video, tmp_path):
+    """The builder's reason for an audio-only file (no_video_stream) is also vip eval's, vip embed's and
+    encode_video's — not an IndexError."""
+    from vip.config import EvalConfig
+    from vip.eval.retrieval import run_eval
+    from vip.inference import embed_folder, load
+    vids = tmp_path / "videos"
+    vids.mkdir()
+    write_video(vids / "v0.mp4", "red")
+    write_video(vids / "v1.mp4", "blue")
+    _audio_only_mp4(vids / "talk.mp4")
+    ann = tmp_path / "ann.jsonl"
+    ann.write_text("".join(json.dumps({"clip_id": c, "text": t}) + "\n"
+                           for c, t in [("v0", "a red square"), ("talk", "someone talks"), ("v1", "a blue square")]))
+    res = tmp_path / "res.json"
+    run_eval(EvalConfig(annotations=str(ann), videos=str(vids), model=str(tiny_export), num_frames=4, batch_size=2,
+                        out=str(res), device="cpu"), progress=False)
+    saved = json.loads(res.read_text())
+    assert saved["skipped_reasons"] == {"no_video_stream": 1} and saved["skipped_ids"] == ["talk"]
+    m = load(tiny_export, num_frames=4)
+    keys, _, failed = embed_folder(m, vids, progress=False)
+    assert keys == ["v0.mp4", "v1.mp4"] and failed == {"talk.mp4": "no_video_stream"}
+    with pytest.raises(ValueError, match="no_video_stream") as e:
+        m.encode_video([vids / "v0.mp4", vids / "talk.mp4"])
+    assert str(vids / "talk.mp4") in str(e.value)

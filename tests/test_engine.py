@@ -6,71 +6,36 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from vip.config import ModelConfig, OptimConfig, TrainConfig
 
 LN200 = math.log(200.0)
 
 
-@pytest.fixture(scope="module")
-def rt(free_port_module):
-    from vip.train.runtime import init_runtime
-    runtime = init_runtime(device="cpu", precision="fp32", training=True)
-    yield runtime
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def free_port_module(tmp_path_factory):
-    """Point a world of one at a port chosen now (before any process group exists)."""
-    import os
-
-    from vip.train.runtime import free_port
-    if not dist.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
-                          WORLD_SIZE="1")
-    return True
-
-
-def _engine(rt, tiny_model_cfg, **train):
-    from vip.model import build_model
-    from vip.train.engine import build_engine
-    torch.manual_seed(0)
-    model = build_model(tiny_model_cfg)
-    tc = TrainConfig(**{"global_batch": 2, "precision": "fp32", "zero_stage": 1, **train})
-    return build_engine(model, rt, tc, OptimConfig(lr=1e-3, warmup_ratio=0.0), micro_batch=2, total_steps=100)
-
-
-def _batch(B=2, T=4, size=64, L=16):
-    g = torch.Generator().manual_seed(1)
-    tok = torch.randint(1, 4000, (2, B, L), generator=g)
-    tok[:, :, -1] = 49407
-    return {"key": [f"k{i}" for i in range(B)], "video": torch.randn(B, T, 3, size, size, generator=g),
-            "frame": torch.randn(B, 3, size, size, generator=g), "subtitle": tok[0], "caption": tok[1],
-            "has_caption": torch.ones(B, dtype=torch.bool)}
+@pytest.fixture
+def rt(train_rt):
+    return train_rt
 
 
 def _params(engine):
     return {k: v.detach().clone() for k, v in engine.module.named_parameters()}
 
 
-def test_step_updates_and_matches_plain_adamw_loss(rt, tiny_model_cfg):
+def test_step_updates_and_matches_plain_adamw_loss(rt, tiny_model_cfg, tiny_engine, model_batch):
     from vip.train.engine import train_step
     from vip.train.objectives import PretrainObjective
-    engine = _engine(rt, tiny_model_cfg)
+    engine = tiny_engine()
     before = _params(engine)
-    res = train_step(engine, _batch(), PretrainObjective("d", rt))
+    res = train_step(engine, model_batch(), PretrainObjective("d", rt))
     assert res.status == "ok" and res.boundary and engine.global_steps == 1
     assert torch.isfinite(res.loss) and set(res.terms) == {"vsc", "fc"}
     changed = [k for k, v in _params(engine).items() if not torch.equal(v, before[k])]
     assert "visual.proxies" in changed and "text_projection" in changed
 
 
-def test_nonfinite_loss_is_skipped_then_stops(rt, tiny_model_cfg):
+def test_nonfinite_loss_is_skipped_then_stops(rt, tiny_model_cfg, tiny_engine, model_batch):
     from vip.train.engine import train_step
-    engine = _engine(rt, tiny_model_cfg, max_nonfinite=3)
+    engine = tiny_engine(max_nonfinite=3)
     before = _params(engine)
 
     def nan_objective(module, batch):
@@ -78,55 +43,55 @@ def test_nonfinite_loss_is_skipped_then_stops(rt, tiny_model_cfg):
         return (out["video"] * float("nan")).sum(), {}
 
     for i in (1, 2):
-        res = train_step(engine, _batch(), nan_objective)
+        res = train_step(engine, model_batch(), nan_objective)
         assert res.status == "nonfinite" and res.skipped and not res.boundary
         assert engine.counters["nonfinite_skipped"] == i and engine.nonfinite_run == i
     assert engine.global_steps == 0
     assert all(torch.equal(v, before[k]) for k, v in _params(engine).items())   # no update from a NaN
     with pytest.raises(FloatingPointError, match="3 consecutive"):
-        train_step(engine, _batch(), nan_objective)
+        train_step(engine, model_batch(), nan_objective)
 
-    stop = _engine(rt, tiny_model_cfg, on_nonfinite="stop")
+    stop = tiny_engine(on_nonfinite="stop")
     with pytest.raises(FloatingPointError, match="non-finite loss at step 0"):
-        train_step(stop, _batch(), nan_objective)
+        train_step(stop, model_batch(), nan_objective)
 
 
-def test_short_batch_is_skipped_everywhere(rt, tiny_model_cfg, monkeypatch):
+def test_short_batch_is_skipped_everywhere(rt, tiny_model_cfg, tiny_engine, model_batch, monkeypatch):
     """When the ranks disagree on the batch size (bad samples dropped on one of them), the step is
     skipped and counted, and the objective never runs (a gather of unequal shapes would hang)."""
     import vip.train.engine as eng
-    engine = _engine(rt, tiny_model_cfg)
+    engine = tiny_engine()
     seen = []
     monkeypatch.setattr(eng, "same_batch_size", lambda n, device: seen.append(n) or False)
 
     def never(module, batch):
         raise AssertionError("objective ran on a short batch")
 
-    res = eng.train_step(engine, _batch(B=2), never)
+    res = eng.train_step(engine, model_batch(B=2), never)
     assert res.status == "short_batch" and seen == [2]
     assert engine.counters["short_batch_skipped"] == 1 and engine.global_steps == 0
 
 
-def test_gradient_accumulation_boundary(rt, tiny_model_cfg):
+def test_gradient_accumulation_boundary(rt, tiny_model_cfg, tiny_engine, model_batch):
     from vip.model import build_model
     from vip.train.engine import build_engine, train_step
     from vip.train.objectives import PretrainObjective
     engine = build_engine(build_model(tiny_model_cfg), rt, TrainConfig(global_batch=4, precision="fp32"),
                           OptimConfig(), micro_batch=2, total_steps=10)
     obj = PretrainObjective("vs", rt)
-    assert [train_step(engine, _batch(), obj).boundary for _ in range(4)] == [False, True, False, True]
+    assert [train_step(engine, model_batch(), obj).boundary for _ in range(4)] == [False, True, False, True]
     assert engine.global_steps == 2
 
 
 @pytest.mark.parametrize("zero_stage", [0, 1])
-def test_logit_scale_parameter_is_clamped_after_the_step(rt, tiny_model_cfg, zero_stage):
+def test_logit_scale_parameter_is_clamped_after_the_step(rt, tiny_model_cfg, tiny_engine, model_batch, zero_stage):
     """open_clip clamps the parameter itself to [0, ln 200] after each optimiser step; under ZeRO the
     fp32 master copy too, or the next step would write the unclamped value back."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     from vip.train.engine import train_step
     from vip.train.objectives import PretrainObjective
-    engine = _engine(rt, tiny_model_cfg, zero_stage=zero_stage)
+    engine = tiny_engine(zero_stage=zero_stage)
     p = engine.module.logit_scale
     with torch.no_grad():
         p.fill_(6.0)
@@ -136,7 +101,7 @@ def test_logit_scale_parameter_is_clamped_after_the_step(rt, tiny_model_cfg, zer
             safe_set_full_fp32_param(p, torch.full_like(master, 6.0))
     obj = PretrainObjective("vs", rt)
     for _ in range(2):
-        assert train_step(engine, _batch(), obj).boundary
+        assert train_step(engine, model_batch(), obj).boundary
         assert float(p) <= LN200 + 1e-6
         master = safe_get_full_fp32_param(p)
         if master is not None:
@@ -144,14 +109,14 @@ def test_logit_scale_parameter_is_clamped_after_the_step(rt, tiny_model_cfg, zer
     assert engine.logit_scale() == pytest.approx(math.exp(float(p)), rel=1e-5)
 
 
-def test_scale_gradient_flows_at_and_above_the_clamp(tiny_model_cfg):
+def test_scale_gradient_flows_at_and_above_the_clamp(tiny_model_cfg, model_batch):
     """Why the parameter is clamped rather than the forward: with a forward clamp a value stored
     just above ln 200 (float32(ln 200) already is; a bf16 copy by up to 0.03) gets no gradient and
     never comes back. The forward uses the parameter as it is, so it always learns."""
     from vip.losses import clip_loss
     from vip.model import build_model
     model = build_model(tiny_model_cfg)
-    b = _batch()
+    b = model_batch()
     assert torch.float32 == model.logit_scale.dtype and float(torch.tensor(LN200)) > LN200
     for raw in (LN200, 6.0):
         with torch.no_grad():
@@ -163,9 +128,9 @@ def test_scale_gradient_flows_at_and_above_the_clamp(tiny_model_cfg):
         assert model.logit_scale.grad.abs().item() > 0
 
 
-def test_export_squeezes_promoted_scalars(rt, tiny_model_cfg, tmp_path):
+def test_export_squeezes_promoted_scalars(rt, tiny_model_cfg, tiny_engine, model_batch, tmp_path):
     from safetensors.torch import load_file
-    engine = _engine(rt, tiny_model_cfg)
+    engine = tiny_engine()
     assert engine.promoted == ["logit_scale"] and engine.module.logit_scale.shape == (1,)
     out = engine.export(tiny_model_cfg, tmp_path / "e")
     sd = load_file(str(out / "model.safetensors"))

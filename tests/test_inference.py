@@ -110,3 +110,38 @@ def test_wrapper_is_drop_in_for_clipvip(exported):
         assert torch.equal(raw.encode_video(video), m.encode_video(video))
         assert torch.equal(raw.encode_text(ids), m.encode_text(ids))
     assert m.embed_dim == 64 and m.visual is m.model.visual
+
+
+def test_decode_errors_name_the_file(exported, vdir, tmp_path):
+    """encode_video on files: every error names the path it is about (not PyAV's '<none>')."""
+    from vip.inference import load
+    m = load(exported, num_frames=4)
+    with pytest.raises(ValueError, match="decode_error") as e:
+        m.encode_video([vdir / "a.mp4", vdir / "broken.mp4"])
+    assert str(vdir / "broken.mp4") in str(e.value)
+    with pytest.raises(FileNotFoundError, match="nothere.mp4"):
+        m.encode_video([tmp_path / "nothere.mp4"])
+
+
+def test_empty_inputs_and_missing_paths(exported, vdir, tmp_path, monkeypatch):
+    """vip.load of a missing path names that path; no videos → [0, D]; an empty path is named as such."""
+    import vip
+    missing = tmp_path / "missing_dir"
+    with pytest.raises(FileNotFoundError) as e:
+        vip.load(missing)
+    assert str(missing) in str(e.value) and str(tmp_path / "config.json") not in str(e.value)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="'missing_dir'"):
+        vip.load("missing_dir")
+    m = vip.load(exported, num_frames=4)
+    for empty in ([], ()):
+        v = m.encode_video(empty)
+        assert v.shape == (0, 64) and v.dtype == torch.float32
+    assert m.encode_text([]).shape == (0, 64)
+    assert m.similarity([], ["a red square", "a dog"]).shape == (2, 0)
+    with pytest.raises(ValueError, match="video 0 of 1 is an empty path"):
+        m.encode_video([""])
+    with pytest.raises(ValueError, match="video 1 of 2 is an empty path"):
+        m.encode_video([vdir / "a.mp4", ""])
+    with pytest.raises(ValueError, match="empty path"):
+        m.encode_video("")

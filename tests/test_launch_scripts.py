@@ -1,8 +1,9 @@
 """launch/pretrain.sh and launch/caption.sh as a user runs them: option parsing (usage, unknown
 options, missing or non-integer values, stray arguments), --dry-run, the explicit path options of
-caption.sh, and the scheduler mode of pretrain.sh (hostfile removed, exit status and SIGTERM passed
-on). Every script runs as a subprocess with a fake `python` that leaves a mark when anything
-executes it; nothing here needs deepspeed or ray."""
+caption.sh, the scheduler mode of pretrain.sh (hostfile removed, exit status and SIGTERM passed
+on) and its pre-emption handling (grace period, exit 143). Every script runs as a subprocess with
+a fake `python` that leaves a mark when anything executes it, or with the real python and a fake
+`deepspeed` package; nothing here needs deepspeed or ray."""
 from __future__ import annotations
 
 import base64
@@ -12,6 +13,7 @@ import re
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -103,6 +105,7 @@ def test_unknown_option_is_refused(script, args, named, env, fake_python, cwd):
     (PRETRAIN, ["--nproc", "--", "--config", "tiny"]),
     (PRETRAIN, ["--master-port", "--dry-run", "--"]),
     (PRETRAIN, ["--python"]),
+    (PRETRAIN, ["--grace", "--", "--config", "tiny"]),
     (PRETRAIN, ["--hostfile", "", "--"]),
     (CAPTION, ["--port"]),
     (CAPTION, ["--shards", "--", "caption.batch_size=4"]),
@@ -120,7 +123,7 @@ def test_option_without_value_is_refused(script, args, env, fake_python, cwd):
 @pytest.mark.parametrize("script,opt,value", [
     (PRETRAIN, "--nproc", "two"), (PRETRAIN, "--nproc", "0"), (PRETRAIN, "--nproc", "1.5"),
     (PRETRAIN, "--master-port", "99999"), (PRETRAIN, "--master-port", "29500x"),
-    (PRETRAIN, "--node-rank", "-1"), (PRETRAIN, "--nnodes", "many"),
+    (PRETRAIN, "--node-rank", "-1"), (PRETRAIN, "--nnodes", "many"), (PRETRAIN, "--grace", "2m"),
     (CAPTION, "--port", "x"), (CAPTION, "--dashboard-port", "70000"), (CAPTION, "--agent-port", "1e3"),
     (CAPTION, "--client-port", "-5"), (CAPTION, "--num-cpus", "four"), (CAPTION, "--num-gpus", "0.5"),
 ])
@@ -229,11 +232,165 @@ def test_pretrain_scheduler_passes_sigterm_to_the_ranks(tmp_path, env, cwd):
             os.kill(int(rank_pid.read_text()), 0)
         assert os.listdir(env["TMPDIR"]) == []
     finally:
+        _kill_group(p)
+
+
+def _kill_group(p: subprocess.Popen) -> None:
+    """Leave nothing running: SIGKILL the script's whole process group, reap the script."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait(timeout=30)
+
+
+# pre-emption: a fake `deepspeed` package (first on PYTHONPATH) run by the real python, whose
+# launcher behaves as deepspeed's does on a signal (terminate the ranks, kill them soon after, exit 1)
+FAKE_LAUNCH = """\
+# like deepspeed.launcher.launch: one process per rank; a rank exiting non-zero stops the others
+# and its status is the launcher's; SIGTERM/SIGINT stop the ranks, kill them KILL_AFTER s later
+# (deepspeed: 30 s) and exit 1
+import os, signal, subprocess, sys, time
+KILL_AFTER = 0.5
+ranks = [subprocess.Popen([sys.executable, os.environ["FAKE_RANK"], str(r)]) for r in range(2)]
+
+def stop(code):
+    for p in ranks:
+        if p.poll() is None:
+            p.terminate()
+    end = time.time() + KILL_AFTER
+    while time.time() < end and any(p.poll() is None for p in ranks):
+        time.sleep(0.02)
+    for p in ranks:
+        if p.poll() is None:
+            p.kill()
+    sys.exit(code)
+
+signal.signal(signal.SIGTERM, lambda *a: stop(1))
+signal.signal(signal.SIGINT, lambda *a: stop(1))
+while True:
+    codes = [p.poll() for p in ranks]
+    bad = [c for c in codes if c not in (None, 0)]
+    if bad:
+        stop(bad[0])
+    if all(c == 0 for c in codes):
+        sys.exit(0)
+    time.sleep(0.05)
+"""
+FAKE_RUNNER = """\
+# like deepspeed.launcher.runner --no_ssh: runs the per-node launcher, exits with its status
+import subprocess, sys
+sys.exit(subprocess.call([sys.executable, "-u", "-m", "deepspeed.launcher.launch"]))
+"""
+FAKE_RANK = """\
+# a rank of vip.train: on SIGTERM/SIGINT (which it unblocks, as vip.train.launcher.Preemption
+# does) it 'checkpoints' for FAKE_CKPT_SECONDS, then exits 143
+import os, signal, sys, time
+from pathlib import Path
+d, r = Path(os.environ["FAKE_DIR"]), sys.argv[1]
+stop = []
+signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+signal.signal(signal.SIGINT, lambda *a: stop.append(1))
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+(d / f"rank{r}.pid").write_text(str(os.getpid()))
+while not stop:
+    time.sleep(0.02)
+time.sleep(float(os.environ["FAKE_CKPT_SECONDS"]))
+(d / f"rank{r}.done").write_text("checkpointed")
+sys.exit(143)
+"""
+
+
+@pytest.fixture
+def fake_deepspeed(tmp_path, env):
+    """env for launch/pretrain.sh with the real python and a fake deepspeed launcher + ranks."""
+    root = tmp_path / "ds"
+    (root / "deepspeed" / "launcher").mkdir(parents=True)
+    (root / "deepspeed" / "__init__.py").write_text("")
+    (root / "deepspeed" / "launcher" / "__init__.py").write_text("")
+    (root / "deepspeed" / "launcher" / "launch.py").write_text(FAKE_LAUNCH)
+    (root / "deepspeed" / "launcher" / "runner.py").write_text(FAKE_RUNNER)
+    (root / "rank.py").write_text(FAKE_RANK)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    e = {**env, "VIP_PYTHON": sys.executable, "PYTHONPATH": str(root), "FAKE_RANK": str(root / "rank.py"),
+         "FAKE_DIR": str(marks), "FAKE_CKPT_SECONDS": "1.5"}
+    e.pop("VIP_PREEMPT_GRACE", None)
+    return e, marks
+
+
+MODES = {"one-node": ["--nproc", "2"],
+         "scheduler": ["--node-rank", "0", "--nnodes", "1", "--master-addr", "127.0.0.1", "--nproc", "2"]}
+
+
+def _preempt(mode, args, env, marks, cwd, to_group=True, timeout=60):
+    """Start pretrain.sh, SIGTERM it (its process group, or the script alone) once both ranks run;
+    returns (exit status, seconds from the signal to the exit, stderr)."""
+    p = subprocess.Popen(["bash", str(PRETRAIN), *MODES[mode], *args, "--", "--config", "tiny"], cwd=cwd, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 30
+        while not all((marks / f"rank{r}.pid").exists() for r in (0, 1)):
+            assert p.poll() is None and time.time() < deadline, p.communicate()
+            time.sleep(0.05)
+        t0 = time.time()
+        (os.killpg if to_group else os.kill)(p.pid, signal.SIGTERM)
+        _, err = p.communicate(timeout=timeout)
+        return p.returncode, time.time() - t0, err
+    finally:
+        _kill_group(p)
+
+
+def _gone(pid_file: Path, wait: float = 5.0) -> bool:
+    """The process has ended, or does within `wait` s (a zombie not yet reaped counts as ended)."""
+    end = time.time() + wait
+    while True:
         try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        p.wait(timeout=30)
+            stat = Path(f"/proc/{int(pid_file.read_text())}/stat").read_text()
+        except FileNotFoundError:
+            return True
+        if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            return True
+        if time.time() > end:
+            return False
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("to_group", [True, False], ids=["job", "script"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_pretrain_sigterm_gives_the_ranks_the_grace_period_and_exits_143(mode, to_group, fake_deepspeed, cwd):
+    """SIGTERM to every process of the job (a scheduler pre-empting it) or to the script alone: the
+    ranks checkpoint for longer than deepspeed's launcher would let them, the script exits 143."""
+    env, marks = fake_deepspeed
+    rc, took, err = _preempt(mode, [], env, marks, cwd, to_group)     # the default grace: 120 s
+    assert rc == 128 + signal.SIGTERM, err
+    assert [(marks / f"rank{r}.done").exists() for r in (0, 1)] == [True, True], err
+    assert 1.5 <= took < 30 and "passed on to the ranks" in err
+    assert all(_gone(marks / f"rank{r}.pid") for r in (0, 1))
+    assert os.listdir(env["TMPDIR"]) == []   # scheduler mode: the throwaway hostfile is gone
+
+
+@pytest.mark.parametrize("how", ["option", "env"])
+def test_pretrain_grace_period_ends_by_killing_the_ranks(how, fake_deepspeed, cwd):
+    """Ranks that take longer than --grace (or $VIP_PREEMPT_GRACE) are killed then; still exit 143."""
+    env, marks = fake_deepspeed
+    env["FAKE_CKPT_SECONDS"] = "600"
+    args = ["--grace", "2"] if how == "option" else []
+    if how == "env":
+        env["VIP_PREEMPT_GRACE"] = "2"
+    rc, took, err = _preempt("one-node", args, env, marks, cwd)
+    assert rc == 128 + signal.SIGTERM, err
+    assert 1 <= took < 15 and "did not stop within --grace 2s" in err
+    assert not any((marks / f"rank{r}.done").exists() for r in (0, 1))
+    assert all(_gone(marks / f"rank{r}.pid") for r in (0, 1))
+
+
+def test_pretrain_grace_is_refused_with_a_hostfile(env, fake_python, cwd):
+    p = run(PRETRAIN, "--hostfile", "hosts.txt", "--grace", "60", "--dry-run", "--", env=env, cwd=cwd)
+    assert p.returncode == 2 and "--grace does not apply with --hostfile" in p.stderr
+    p = run(PRETRAIN, "--dry-run", "--", env={**env, "VIP_PREEMPT_GRACE": "soon"}, cwd=cwd)
+    assert p.returncode == 2 and "VIP_PREEMPT_GRACE needs an integer" in p.stderr
+    assert not ran(fake_python)
 
 
 # --------------------------------------------------------------------------- caption.sh

@@ -335,3 +335,69 @@ def test_count_sidecars(shard_dir, tmp_path):
     (out / "shards.json").unlink()                                   # a set indexed from its tars
     assert count_sidecars(out) == 2
     assert count_sidecars(tmp_path / "no_shards_here") == 0
+
+
+def _three_shards_one_empty(shard_dir, root):
+    """shard-000000 and shard-000002 copied from shard_dir (2 clips each), shard-000001 an empty tar
+    listed with 0 samples in shards.json: what a build leaves when every clip of a shard was skipped."""
+    import tarfile
+    root.mkdir()
+    for name in ("shard-000000.tar", "shard-000002.tar"):
+        shutil.copy(shard_dir / name, root / name)
+    with tarfile.open(root / "shard-000001.tar", "w", format=tarfile.USTAR_FORMAT):
+        pass
+    shards = [{"name": f"shard-{i:06d}.tar", "num_samples": n, "bytes": (root / f"shard-{i:06d}.tar").stat().st_size}
+              for i, n in enumerate((2, 0, 2))]
+    (root / "shards.json").write_text(json.dumps({"num_samples": 4, "shards": shards}))
+    shutil.copy(shard_dir / "build_config.yaml", root / "build_config.yaml")
+    return root
+
+
+def test_empty_shards_are_dropped_and_never_crash_a_rank(shard_dir, small_data, tmp_path, caplog):
+    """3 shards, one with 0 samples: 3 ranks are refused when the loader is made (a config problem, named
+    with the counts) rather than rank r dying mid-training; 2 ranks read every epoch without error."""
+    root = _three_shards_one_empty(shard_dir, tmp_path / "shards")
+    with caplog.at_level("WARNING", logger="shards.reader"):
+        shards = load_shardset(root)
+    assert shards.names == ("shard-000000.tar", "shard-000002.tar") and shards.counts == (2, 2)
+    assert shards.empty == ("shard-000001.tar",)
+    assert any("1 of 3 shards have no samples" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match=r"2 shards for 3 ranks .*1 empty shards, dropped"):
+        StreamLoader(small_data(root, train=True), rank=0, world=3)
+    # a plan is never made over 0-sample shards
+    from shards.plan import ShardSet
+    with pytest.raises(ValueError, match="no samples"):
+        RankPlan(ShardSet(str(root), ("a", "b", "c"), (2, 0, 2)), 0, 2, seed=0, shuffle=True, shuffle_shards=2)
+    # 2 ranks: every rank has samples in every epoch (4 epochs of 2 clips each), none lost or repeated
+    streams = [_flat(_keys(StreamLoader(small_data(root, train=True, batch_size=2), rank=r, world=2), n=4))
+               for r in range(2)]
+    for e in range(4):                 # each epoch the 2 ranks together read the 4 clips once
+        epoch = streams[0][2 * e:2 * e + 2] + streams[1][2 * e:2 * e + 2]
+        assert len(set(epoch)) == 4, (e, streams)
+    seen = [k for rank in range(2) for k in _flat(_keys(StreamLoader(small_data(root, train=False), rank=rank, world=2)))]
+    assert len(seen) == 4 and len(set(seen)) == 4
+    # the resume state counts the planned (non-empty) shards; a state that counted the empty one is refused, saying why
+    loader = StreamLoader(small_data(root, train=True), rank=0, world=2)
+    state = loader.state_dict()
+    assert state["num_shards"] == 2
+    loader.load_state_dict(state)
+    with pytest.raises(ValueError, match="empty shards"):
+        loader.load_state_dict({**state, "num_shards": 3})
+
+
+def test_missing_shards_json_warns_once(shard_dir, small_data, tmp_path, caplog):
+    """Without shards.json the reader indexes the tars (same counts), and says so once, with the count and why."""
+    out = tmp_path / "shards"
+    shutil.copytree(shard_dir, out, ignore=shutil.ignore_patterns("shards.json"))
+    with caplog.at_level("WARNING", logger="shards.reader"):
+        indexed = load_shardset(out)
+        load_shardset(out)
+        StreamLoader(small_data(out, train=False))
+    warned = [r.getMessage() for r in caplog.records if "shards.json" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert "indexing 6 tars" in warned[0] and "incomplete" in warned[0] and "not written by vip shards build" in warned[0]
+    assert indexed.counts == load_shardset(shard_dir).counts and indexed.names == load_shardset(shard_dir).names
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="shards.reader"):
+        load_shardset(shard_dir)                                         # shards.json present: silent
+    assert not caplog.records

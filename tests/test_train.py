@@ -36,16 +36,22 @@ def _run(args, port, timeout=300):
     return p.returncode, out
 
 
-def _keys(out):
-    """Per rank: step → keys, the last record per (step, micro) winning (a killed run's tail is redone)."""
+def _records(out):
+    """Per rank: the keys log as [(step, micro, keys)], the last record per (step, micro) winning (a
+    killed run's tail is redone with the same numbers)."""
     res = {}
     for r in (0, 1):
         recs = {}
         for line in (Path(out) / "keys" / f"rank{r}.jsonl").read_text().splitlines():
             rec = json.loads(line)
             recs[(rec["step"], rec["micro"])] = rec["keys"]
-        res[r] = [recs[k] for k in sorted(recs)]
+        res[r] = [(*k, recs[k]) for k in sorted(recs)]
     return res
+
+
+def _keys(out):
+    """Per rank: the keys of each micro-batch, in order."""
+    return {r: [keys for _, _, keys in recs] for r, recs in _records(out).items()}
 
 
 def _final(out):
@@ -58,16 +64,20 @@ def _final(out):
 @pytest.mark.slow
 def test_kill9_and_sigterm_resume_bitwise(shard_dir, tmp_path, free_port):
     """Uninterrupted vs kill -9 after a checkpoint + resume vs SIGTERM (preemption) + resume:
-    same sample keys in the same order on every rank and bit-identical final weights."""
-    rc, log_a = _run(_args(shard_dir, tmp_path / "a"), free_port())
+    same sample keys in the same order on every rank, numbered (step, micro) alike across the
+    resumes, and bit-identical final weights — with dropout, so the RNG states each step draws
+    from must continue exactly too. The pre-empted launch exits 143."""
+    drop = {"model.dropout": 0.1}
+    rc, log_a = _run(_args(shard_dir, tmp_path / "a", **drop), free_port())
     assert rc == 0, log_a[-3000:]
     assert "samples/s" in log_a and "data wait" in log_a
-    ref_keys, ref_final = _keys(tmp_path / "a"), _final(tmp_path / "a")
+    ref_keys, ref_final, ref_records = _keys(tmp_path / "a"), _final(tmp_path / "a"), _records(tmp_path / "a")
     assert len(ref_keys[0]) == 8 and set(ref_keys[0][0]).isdisjoint(ref_keys[1][0])
+    assert [(step, micro) for step, micro, _ in ref_records[0]] == [(i, i + 1) for i in range(8)]
 
     # kill -9 the whole job once the step-4 checkpoint is complete and training has moved on
     b = tmp_path / "b"
-    p = _launch(_args(shard_dir, b), free_port())
+    p = _launch(_args(shard_dir, b, **drop), free_port())
     deadline = time.time() + 240
     while not (b / "checkpoints" / "step00000004" / "COMPLETE").exists():
         assert p.poll() is None and time.time() < deadline, p.stdout.read()[-3000:]
@@ -75,26 +85,102 @@ def test_kill9_and_sigterm_resume_bitwise(shard_dir, tmp_path, free_port):
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     assert not (b / "final").exists()
-    rc, log_b = _run(_args(shard_dir, b), free_port())
+    rc, log_b = _run(_args(shard_dir, b, **drop), free_port())
     assert rc == 0, log_b[-3000:]
     assert "resumed from step0000000" in log_b
     assert _keys(b) == ref_keys
+    assert _records(b) == ref_records           # the resumed run's micro numbering continues
     assert _final(b) == ref_final
 
     # SIGTERM to every process of the job (as a scheduler preempting it): checkpoint, exit, resume
     c = tmp_path / "c"
-    p = _launch(_args(shard_dir, c, **{"train.save_every": 100}), free_port())
+    p = _launch(_args(shard_dir, c, **drop, **{"train.save_every": 100}), free_port())
     while not (c / "metrics.jsonl").exists() or len((c / "metrics.jsonl").read_text().splitlines()) < 3:
         assert p.poll() is None and time.time() < deadline + 120, p.stdout.read()[-3000:]
         time.sleep(0.05)
     os.killpg(p.pid, signal.SIGTERM)
     log_c1, _ = p.communicate(timeout=120)
-    assert p.returncode != 0
+    assert p.returncode == 128 + signal.SIGTERM, log_c1[-3000:]    # a pre-emption, not a failure
     saved = [t.name for t in (c / "checkpoints").iterdir() if (t / "COMPLETE").exists()]
     assert len(saved) == 1 and "stopped by signal" in log_c1, log_c1[-3000:]
-    rc, log_c = _run(_args(shard_dir, c, **{"train.save_every": 100}), free_port())
+    rc, log_c = _run(_args(shard_dir, c, **drop, **{"train.save_every": 100}), free_port())
     assert rc == 0, log_c[-3000:]
-    assert _keys(c) == ref_keys and _final(c) == ref_final
+    assert _keys(c) == ref_keys and _records(c) == ref_records and _final(c) == ref_final
+
+
+def test_seed_everything_repeats_the_draws_of_every_generator():
+    """Two fresh runs draw the same numbers from torch, numpy and random at their first step;
+    ranks draw different ones."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from vip.train.runtime import seed_everything
+
+    def draws(seed, rank):
+        seed_everything(seed, rank)
+        return (torch.rand(4).tolist(), torch.nn.functional.dropout(torch.ones(16), 0.5).tolist(),
+                np.random.rand(4).tolist(), [random.random() for _ in range(4)])
+
+    first = draws(7, 1)
+    torch.rand(100), np.random.rand(100), random.random()     # anything drawn in between (setup)
+    assert draws(7, 1) == first
+    other = draws(7, 0)
+    assert all(a != b for a, b in zip(other, first))
+
+
+def test_model_dropout_acts_in_training_only_and_adds_no_parameters(tiny_model_cfg):
+    """model.dropout (what the resume test trains with): dropout on the final video and text
+    features in training mode; no new parameters, and 0 (the default) draws no random numbers."""
+    import dataclasses
+
+    import torch
+
+    from vip.model import build_model
+    torch.manual_seed(0)
+    plain = build_model(tiny_model_cfg)
+    drop = build_model(dataclasses.replace(tiny_model_cfg, dropout=0.5))
+    drop.load_state_dict(plain.state_dict())            # strict: the same parameters and buffers
+    video, text = torch.randn(2, 2, 3, 32, 32), torch.randint(1, 100, (2, 16))
+    with torch.no_grad():
+        for m in (plain, drop):
+            m.eval()
+        ref = plain(video=video, subtitle=text)
+        same = drop(video=video, subtitle=text)
+        assert all(torch.equal(ref[k], same[k]) for k in ("video", "subtitle"))
+        drop.train()
+        plain.train()
+        state = torch.get_rng_state()
+        out = drop(video=video, subtitle=text)
+        assert not torch.equal(out["video"], ref["video"]) and not torch.equal(out["subtitle"], ref["subtitle"])
+        torch.set_rng_state(state)
+        plain(video=video, subtitle=text)
+        assert torch.equal(torch.get_rng_state(), state)    # dropout 0: nothing drawn
+
+
+def test_preemption_takes_a_signal_that_arrived_while_blocked():
+    """launch/pretrain.sh starts the launcher with SIGTERM/SIGINT blocked (so deepspeed's launcher
+    never reacts to them) and the ranks inherit that: Preemption unblocks them, and a SIGTERM
+    that arrived in the meantime is taken then."""
+    import signal
+    import threading
+
+    from vip.train.launcher import Preemption
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)   # pending on this thread
+        assert signal.SIGTERM in signal.sigpending()
+        preempt = Preemption()
+        assert preempt.requested
+        assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    finally:
+        for s in old:
+            signal.signal(s, lambda *a: None)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})   # a pending one lands here
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 @pytest.mark.slow

@@ -67,6 +67,40 @@ def test_only_complete_checkpoints_count(tmp_path):
     assert sorted(p.name for p in d.iterdir()) == ["step00000030", "step00000050"]
 
 
+def test_prune_keeps_the_checkpoint_just_saved(tmp_path):
+    """After a resume fell back from a damaged step 90, saving step 40 with keep_last=1 must keep
+    step 40 (not count the newer damaged tag as one of the kept), and leave step 90 alone."""
+    cm = CheckpointManager(tmp_path, keep_last=1, rank=0, world=1)
+    d = tmp_path / "checkpoints"
+    for step in (20, 30, 40, 90):
+        (d / f"step{step:08d}").mkdir(parents=True)
+        (d / f"step{step:08d}" / MARKER).write_text(json.dumps({"step": step}))
+    (d / "step00000035").mkdir()               # an interrupted save older than the one just saved
+    (d / "step00000095").mkdir()               # … and one newer: not ours to judge
+    cm._prune("step00000040")
+    assert sorted(p.name for p in d.iterdir()) == ["step00000040", "step00000090", "step00000095"]
+
+
+def test_rng_state_holds_every_cuda_device_and_old_states_load(monkeypatch):
+    from vip.train.checkpoint import rng_state, set_rng_state
+    cuda = [torch.tensor([1, 2], dtype=torch.uint8), torch.tensor([3, 4], dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.append(states))
+    state = rng_state()
+    assert state["cuda"] is cuda and {"torch", "numpy", "python"} <= set(state)
+    cpu_before = torch.get_rng_state()
+    torch.rand(3)
+    set_rng_state(state)
+    assert restored == [cuda] and torch.equal(torch.get_rng_state(), cpu_before)
+    old = {k: v for k, v in state.items() if k != "cuda"}          # a checkpoint from before CUDA states
+    set_rng_state(old)
+    assert restored == [cuda]
+
+
 def test_plot_writes_png(tmp_path):
     from vip.train.logs import MetricsLog
     from vip.plot import plot_metrics

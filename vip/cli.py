@@ -9,6 +9,7 @@
     vip caption      [--config tiny] [caption.model=… …]      (Ray job; launch/caption.sh submits `python -m vip caption`)
     vip plot         runs/pretrain/metrics.jsonl              (PNG curves)
     vip export       runs/pretrain [--out DIR]                (checkpoint → safetensors for vip.load)
+    vip checkpoints verify runs/pretrain                      (each checkpoint's state: ok / incomplete / bad)
     vip eval         eval.model=DIR (or eval.open_clip=CKPT) eval.annotations=A.jsonl eval.videos=DIR [eval.k=v …]
     vip embed        eval.model=DIR (eval.videos=DIR | eval.shards=DIR) eval.out=emb.parquet   (embeddings → parquet)
     vip analyze domain-gap analyze.model=DIR analyze.corpora=[a=A.jsonl,b=B.txt] [analyze.pairs=[a:b]]  (NMI table)
@@ -79,6 +80,13 @@ def cmd_export(cfg, args) -> int:
     return 0
 
 
+def cmd_checkpoints_verify(cfg, args) -> int:
+    from vip.train.verify import format_table, verify_run
+    rows, rc = verify_run(args.run)
+    print(format_table(rows) if rows else f"no checkpoints under {args.run}")
+    return rc
+
+
 def cmd_caption(cfg, args) -> int:
     from captioning.job import run
     return run(cfg.caption, fault_exit_chunk=cfg.debug.caption_fault_exit_chunk)
@@ -138,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", default=None, help="default: <run>/export")
     ex.add_argument("--tag", default=None, help="checkpoint tag (default: latest complete)")
     ex.set_defaults(fn=cmd_export, config="default", overrides=[])
+    ck = sub.add_parser("checkpoints", help="training checkpoints").add_subparsers(dest="cmd", required=True)
+    cv = ck.add_parser("verify", help="check every checkpoint's files against its COMPLETE list (exit 1: the "
+                       "newest complete one does not verify)")
+    cv.add_argument("run", help="the run folder (train.out)")
+    cv.set_defaults(fn=cmd_checkpoints_verify, config="default", overrides=[])
     add(sub, "caption", cmd_caption, "caption every clip's middle frame into caption sidecars (Ray)")
     d = add(sub, "demo", cmd_demo, "the end-to-end demo on tiny synthetic data")
     d.set_defaults(default_preset="tiny")

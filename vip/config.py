@@ -48,6 +48,7 @@ class ModelConfig:
     attention: Literal["fast", "dense"] = "fast"   # vip attention: fast (block-sparse) | dense (oracle)
     seq_layers: int = 4            # seqtransf: temporal transformer layers
     init_logit_scale: float = 4.60  # log of the initial logit scale (kept in [0, ln 200] after each step)
+    dropout: float = 0.0           # dropout on the final video and text features (training only; 0 = off)
 
 
 @dataclass(frozen=True)

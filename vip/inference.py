@@ -6,10 +6,16 @@
     t = m.encode_text(["a dog catches a frisbee"])    # [1, D]
     s = m.similarity(["a.mp4", "b.mkv"], ["a dog", "a cat"])   # [2 texts, 2 videos] cosine
 
+Files that cannot be used raise an error naming the path: FileNotFoundError (missing),
+ValueError for an empty path, `vip.eval.videos.VideoError` (a ValueError) with reason
+`no_video_stream` (audio only) or `decode_error`. An empty list of videos (or texts) gives an
+empty [0, D] tensor.
+
 `vip embed` writes the embeddings of a video folder (or a shard folder) to parquet.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 from pathlib import Path
@@ -87,13 +93,24 @@ class VideoTextModel:
             raise ValueError(f"a video tensor must be [T, 3, H, W] or [B, T, 3, H, W], got {tuple(videos.shape)}")
         if isinstance(videos, (str, os.PathLike, np.ndarray)):
             videos = [videos]
-        return torch.stack([_to_clip(v, T, self.image_size, self.resize) for v in videos])
+        videos = list(videos)
+        clips = []
+        for i, v in enumerate(videos):
+            if isinstance(v, (str, os.PathLike)) and not os.fspath(v):   # Path("") would be the cwd
+                raise ValueError(f"video {i} of {len(videos)} is an empty path '': give a video file path, "
+                                 "a uint8 [T, H, W, 3] array or a float tensor")
+            clips.append(_to_clip(v, T, self.image_size, self.resize))
+        if not clips:
+            return torch.zeros(0, T, 3, self.image_size, self.image_size)
+        return torch.stack(clips)
 
     @torch.no_grad()
     def encode_video(self, videos: VideoInput | Sequence[VideoInput], num_frames: int | None = None,
                      batch_size: int = 16) -> torch.Tensor:
-        """→ L2-normalised [B, D] (float32, on the model's device)."""
+        """→ L2-normalised [B, D] (float32, on the model's device); no videos → [0, D]."""
         x = self.video_tensor(videos, num_frames)
+        if not len(x):
+            return torch.zeros(0, self.embed_dim, device=self.device)
         dtype = next(self.model.parameters()).dtype
         return torch.cat([self.model.encode_video(x[i:i + batch_size].to(self.device, dtype)).float()
                           for i in range(0, len(x), batch_size)])
@@ -104,6 +121,8 @@ class VideoTextModel:
         if isinstance(texts, torch.Tensor):
             return self.model.encode_text(texts.to(self.device)).float()
         texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            return torch.zeros(0, self.embed_dim, device=self.device)
         return torch.cat([self.model.encode_text(self.tokenize(texts[i:i + batch_size]).to(self.device)).float()
                           for i in range(0, len(texts), batch_size)])
 
@@ -166,9 +185,12 @@ def embed_folder(m: VideoTextModel, folder: str | Path, batch_size: int = 16, nu
 
 def embed_shards(m: VideoTextModel, shards: str, batch_size: int = 16, num_workers: int = 0, rt=None
                  ) -> tuple[list[str], np.ndarray, dict]:
-    """A shard folder read in eval order (evenly spaced frames, in order) → (keys, [N, D], {reason: count})."""
+    """A shard folder read in eval order (evenly spaced frames, in order) → (keys, [N, D], {reason: count})
+    of the clips that could not be embedded. Clips shorter than T frames are embedded (frames repeated)
+    and are not failures (`short_clip_padded` is logged, not returned)."""
     import torch.distributed as dist
 
+    from shards.reader import KEPT_EVENTS
     from vip.config import DataConfig
     from vip.eval.encode import encode_batches, runtime_of, shard_batches, shard_loader
     rt = rt or runtime_of(m.model)
@@ -180,10 +202,13 @@ def embed_shards(m: VideoTextModel, shards: str, batch_size: int = 16, num_worke
     if rt.world > 1:
         events = [None] * rt.world
         dist.all_gather_object(events, dict(loader.events))
-    failed = {}
+    failed, kept = {}, {}
     for ev in events:
         for reason, count in ev.items():
-            failed[reason] = failed.get(reason, 0) + count
+            into = kept if reason in KEPT_EVENTS else failed                # a padded clip is embedded fine
+            into[reason] = into.get(reason, 0) + count
+    if kept:
+        log.info("embed: %s (embedded, not failures)", kept)
     return list(enc.keys), enc.video.numpy(), failed
 
 
@@ -217,4 +242,17 @@ def run_embed(cfg: EvalConfig) -> str | None:
         return None
     out = Path(cfg.out if cfg.out.endswith(".parquet") else str(Path(cfg.out).with_suffix(".parquet")))
     _write_parquet(keys, emb, out)
-    return f"{len(keys)} embeddings (dim {emb.shape[1] if len(keys) else 0}) → {out}; {len(failed)} failed {failed}"
+    return embed_summary(len(keys), emb.shape[1] if len(keys) else 0, out, failed, by_file=not cfg.shards)
+
+
+def embed_summary(n: int, dim: int, out, failed: dict, by_file: bool) -> str:
+    """`vip embed`'s one-line summary. failed: {file name: reason} (a folder, by_file) or
+    {reason: clip count} (shards); the failure count is the number of videos, not of reasons."""
+    reasons = dict(collections.Counter(failed.values())) if by_file else dict(failed)
+    line = f"{n} embeddings (dim {dim}) → {out}; {sum(reasons.values())} failed"
+    if reasons:
+        line += f" {reasons}"
+    if by_file and failed:
+        names = sorted(failed)
+        line += f" ({', '.join(names[:5])}{', …' if len(names) > 5 else ''})"
+    return line

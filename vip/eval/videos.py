@@ -4,6 +4,9 @@ Annotations are ``{"clip_id": str, "text": str | [str, ...]}`` lines. A list is 
 captions of one video (each one a text query), or with ``paragraph=True`` (DiDeMo) one
 paragraph (all its lines' captions joined). Lines repeating a clip_id add captions to that video. Videos are found as
 ``<videos>/<clip_id>`` or ``<videos>/<clip_id>.<ext>`` (any container PyAV reads).
+
+A video that cannot be used raises `VideoError` naming the file, with the reason counted in
+results: ``no_video_stream`` (an audio-only file: the builder's reason too) or ``decode_error``.
 """
 from __future__ import annotations
 
@@ -62,22 +65,42 @@ def index_folder(folder: str | Path) -> dict[str, Path]:
     return out
 
 
+class VideoError(ValueError):
+    """A video file that cannot be used; `reason` is the counted skip reason
+    (``no_video_stream`` | ``decode_error``), the message names the file."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
 def count_frames(data: bytes) -> int:
-    """Frames of the first video stream, counted by demuxing (no decoding)."""
+    """Frames of the first video stream, counted by demuxing (no decoding).
+    VideoError(no_video_stream) when the file has no video stream (audio only)."""
     import io
     with av.open(io.BytesIO(data), mode="r") as c:
+        if not c.streams.video:
+            raise VideoError("no_video_stream", "no video stream (audio only?)")
         stream = c.streams.video[0]
         return sum(1 for pkt in c.demux(stream) if pkt.size)
 
 
 def load_video(path: str | Path, num_frames: int, size: int, resize: str = "squash") -> np.ndarray:
-    """uint8 [T, size, size, 3]: T evenly spaced frames over the whole video (eval sampling)."""
+    """uint8 [T, size, size, 3]: T evenly spaced frames over the whole video (eval sampling).
+
+    A missing file raises FileNotFoundError; a file without a video stream VideoError(no_video_stream);
+    any other failure to read it VideoError(decode_error): every message names the path."""
     data = Path(path).read_bytes()
-    n = count_frames(data)
-    if n <= 0:
-        raise ValueError("no video frames")
-    idx = sample_indices(n, num_frames, train=False)
-    return decode_frames(data, idx, size, resize)
+    try:
+        n = count_frames(data)
+        if n <= 0:
+            raise ValueError("no video frames")
+        idx = sample_indices(n, num_frames, train=False)
+        return decode_frames(data, idx, size, resize)
+    except VideoError as e:
+        raise VideoError(e.reason, f"{path}: {e.detail}") from None
+    except Exception as e:  # noqa: BLE001 - av.error.*, codec surprises: name the file
+        raise VideoError("decode_error", f"{path}: {type(e).__name__}: {e}") from e
 
 
 class VideoFolder(Dataset):
@@ -97,6 +120,9 @@ class VideoFolder(Dataset):
             return i, None, "missing"
         try:
             frames = load_video(path, self.num_frames, self.size, self.resize)
+        except VideoError as e:
+            log.warning("skipping %s: %s", cid, e)
+            return i, None, e.reason
         except Exception as e:  # noqa: BLE001 - any decode failure skips the video
             log.warning("skipping %s: %s: %s", cid, type(e).__name__, e)
             return i, None, "decode_error"

@@ -66,6 +66,11 @@ class CLIPViP(nn.Module):
         self.context_length = clip.context_length
         self.vocab_size = clip.vocab_size
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        if not 0.0 <= cfg.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {cfg.dropout}")
+        # dropout on the final features before normalisation (training mode only; no parameters, so
+        # checkpoints are the same with or without it); at 0 no module runs and no random number is drawn
+        self.feature_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.embed_dim = self.visual.output_dim
 
     # ------------------------------------------------------------------ switches
@@ -84,7 +89,7 @@ class CLIPViP(nn.Module):
     # ------------------------------------------------------------------ encoders
     def encode_video(self, video: Tensor, normalize: bool = True) -> Tensor:
         """video [B, T, 3, H, W] (CLIP-normalised pixels) → [B, D]."""
-        x = self.visual(video)
+        x = self.feature_dropout(self.visual(video))
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_image(self, image: Tensor, normalize: bool = True) -> Tensor:
@@ -108,6 +113,7 @@ class CLIPViP(nn.Module):
         x = text_global_pool(x, text, self.text_pool_type, eos_token_id=self.text_eos_id)  # [B, W]
         if self.text_projection is not None:
             x = self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
+        x = self.feature_dropout(x)
         return F.normalize(x, dim=-1) if normalize else x
 
     # ------------------------------------------------------------------ training

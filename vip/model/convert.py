@@ -239,7 +239,13 @@ def export(model: torch.nn.Module, model_cfg: ModelConfig, out: str | os.PathLik
 
 
 def _export_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(weights, config.json) of an export folder or of a weights file. A path that does not
+    exist is a FileNotFoundError naming it (not the config.json its parent folder would hold)."""
+    given = path
     path = Path(path)
+    if not os.fspath(given) or not path.exists():
+        raise FileNotFoundError(f"no model at {os.fspath(given)!r}: no such file or folder (expected an "
+                                f"exported model folder with {WEIGHTS} + {CONFIG}, or a weights file)")
     if path.is_dir():
         return path / WEIGHTS, path / CONFIG
     return path, path.with_name(CONFIG)
@@ -248,6 +254,9 @@ def _export_paths(path: str | os.PathLike) -> tuple[Path, Path]:
 def read_model_config(path: str | os.PathLike) -> ModelConfig:
     """The ModelConfig saved next to exported weights (a folder, or its model.safetensors)."""
     _, cfg_path = _export_paths(path)
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{os.fspath(path)!r} is not a vip export: no {cfg_path} (vip export writes "
+                                f"{WEIGHTS} + {CONFIG})")
     meta = json.loads(cfg_path.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{cfg_path}: not a vip export (format {meta.get('format')!r})")

@@ -61,9 +61,14 @@ def export_checkpoint(run: str | Path, out: str | Path | None = None, tag: str |
     from vip.train.checkpoint import CheckpointManager
     run = Path(run)
     ckpt_dir = run / "checkpoints"
-    tag = tag or CheckpointManager(run, 0, 0, 1).latest()
+    manager = CheckpointManager(run, 0, 0, 1)
     if tag is None:
-        raise FileNotFoundError(f"no complete checkpoint under {ckpt_dir}")
+        tag = manager.newest_verified()          # damaged checkpoints are logged and skipped
+    elif problems := manager.verify(tag):
+        raise ValueError(f"checkpoint {tag} under {ckpt_dir} does not verify: {problems} "
+                         f"(`vip checkpoints verify {run}` lists every checkpoint's state)")
+    if tag is None:
+        raise FileNotFoundError(f"no complete checkpoint that verifies under {ckpt_dir}")
     cfg = config_from_file(ckpt_dir / tag / "config.yaml")
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     out = export_state(state, cfg.model, Path(out) if out else run / "export")
@@ -81,7 +86,9 @@ class Engine:
     rt: Runtime
     train: TrainConfig
     promoted: list[str]
-    counters: dict = field(default_factory=lambda: {"nonfinite_skipped": 0, "short_batch_skipped": 0})
+    # micro_batches: trained micro-batches of the whole run (DeepSpeed's micro_steps restarts at 0 on resume)
+    counters: dict = field(default_factory=lambda: {"nonfinite_skipped": 0, "short_batch_skipped": 0,
+                                                    "micro_batches": 0})
     nonfinite_run: int = 0
 
     @property
@@ -182,6 +189,7 @@ def train_step(engine: Engine, batch: dict, objective: Objective) -> StepResult:
             raise FloatingPointError(f"{engine.nonfinite_run} consecutive non-finite losses (last at step {step})")
         return StepResult("nonfinite")
     engine.nonfinite_run = 0
+    counters["micro_batches"] += 1
     ds.backward(loss)
     with torch.no_grad():     # gloo's all_gather_into_tensor writes into split views: no autograd here
         ds.step()

@@ -23,6 +23,7 @@ from shards.reader import normalise
 from shards.video import decode_frames, sample_indices
 from vip.config import Config, ConfigError, EvalConfig, FinetuneConfig, save_config
 from vip.train.launcher import failure_report, launcher_main
+from vip.train.runtime import seed_everything
 
 log = logging.getLogger("vip.train.finetune")
 
@@ -84,7 +85,8 @@ def _finetune(cfg: Config, rt, where: dict) -> int:
     out = Path(tc.out)
     if rt.is_main:
         save_config(cfg, out / "config.yaml")
-    torch.manual_seed(tc.seed)
+    seed_everything(tc.seed, rt.rank)   # random, numpy, torch: the same run twice gives the same result
+    torch.manual_seed(tc.seed)          # model init: the same on every rank
     if not tc.init_from:
         raise ConfigError("vip finetune needs the exported model to start from: set train.init_from=DIR")
     model_cfg = dataclasses.replace(read_model_config(tc.init_from), pretrained=None)

@@ -80,6 +80,9 @@ class TrainLog:
             self._keys = open(Path(out) / "keys" / f"rank{rank}.jsonl", "a")
 
     def micro(self, step: int, micro: int, keys: list, data_wait: float) -> None:
+        """After a trained micro-batch of optimiser step `step`; `micro` numbers the run's trained
+        micro-batches from 1, continuing across resumes (the trainer keeps it in its checkpointed
+        counters)."""
         self.meter.update(len(keys) * self.world, data_wait)
         if self._keys is not None:
             self._keys.write(json.dumps({"step": step, "micro": micro, "keys": keys}) + "\n")

@@ -15,6 +15,7 @@ import torch
 
 from vip.config import Config, ConfigError, save_config
 from vip.train.launcher import Preemption, failure_report, launcher_main
+from vip.train.runtime import seed_everything
 
 log = logging.getLogger("vip.train")
 
@@ -40,7 +41,7 @@ def pretrain(cfg: Config) -> int:
 def _pretrain(cfg: Config, rt, where: dict) -> int:
     from shards.reader import StreamLoader
     from vip.model import build_model
-    from vip.train.checkpoint import CheckpointManager
+    from vip.train.checkpoint import CheckpointManager, rng_state
     from vip.train.engine import build_engine, train_step
     from vip.train.logs import TrainLog
     from vip.train.objectives import PretrainObjective
@@ -48,7 +49,8 @@ def _pretrain(cfg: Config, rt, where: dict) -> int:
     tc, out = cfg.train, Path(cfg.train.out)
     if rt.is_main:
         save_config(cfg, out / "config.yaml")
-    torch.manual_seed(tc.seed)
+    seed_everything(tc.seed, rt.rank)
+    torch.manual_seed(tc.seed)   # model init: the same on every rank (DeepSpeed also broadcasts it)
     model = build_model(cfg.model)
     if tc.init_from:
         from vip.model.convert import load_weights_into
@@ -59,6 +61,7 @@ def _pretrain(cfg: Config, rt, where: dict) -> int:
                           device=rt.device, dtype=rt.dtype)
     ckpt = CheckpointManager(out, tc.keep_last, rt.rank, rt.world)
     tag = ckpt.resume(engine, loader, tc.resume)
+    resumed_rng = rng_state() if tag else None     # restoring the RNG is the last thing resume does
     logs = TrainLog(out, rt.rank, rt.world, tc.log_every, tc.steps, tc.tensorboard, tc.log_keys)
     objective, preempt, data = PretrainObjective(cfg.loss.variant, rt), Preemption(), iter(loader)
     saved = engine.global_steps if tag else -1
@@ -69,17 +72,16 @@ def _pretrain(cfg: Config, rt, where: dict) -> int:
         saved = engine.global_steps
 
     try:
+        first = start_stream(data, resumed_rng, tc.seed, rt.rank) if engine.global_steps < tc.steps else None
         while engine.global_steps < tc.steps:
-            t0 = time.perf_counter()
-            batch = next(data)
-            wait = time.perf_counter() - t0
+            (batch, wait), first = first or _timed_next(data), None
             step = where["step"] = engine.global_steps
             if cfg.debug.fault_step == step and rt.rank == cfg.debug.fault_rank:
                 raise RuntimeError(f"injected fault (debug.fault_step={step})")
             res = train_step(engine, batch, objective)
             if res.skipped:
                 continue
-            logs.micro(step, engine.ds.micro_steps, batch["key"], wait)
+            logs.micro(step, engine.counters["micro_batches"], batch["key"], wait)
             if not res.boundary:
                 continue
             step = engine.global_steps
@@ -106,6 +108,28 @@ def _pretrain(cfg: Config, rt, where: dict) -> int:
     finally:
         data.close()   # stops the DataLoader workers now rather than at interpreter exit
         logs.close()
+
+
+def start_stream(data, resumed_rng: dict | None, seed: int, rank: int) -> tuple:
+    """Exact RNG from the first step on, whatever setup drew: start the DataLoader (its iterator
+    draws the workers' base seed from the torch RNG: seeded just before, so it depends on (seed,
+    rank) only), then give the step the saved RNG states (resume) or a fresh seed. Returns the
+    first (batch, data wait)."""
+    from vip.train.checkpoint import set_rng_state
+    seed_everything(seed, rank)
+    first = _timed_next(data)
+    if resumed_rng is not None:
+        set_rng_state(resumed_rng)
+    else:
+        seed_everything(seed, rank)
+    return first
+
+
+def _timed_next(it) -> tuple:
+    """(next item of `it`, seconds spent waiting for it)."""
+    t0 = time.perf_counter()
+    item = next(it)
+    return item, time.perf_counter() - t0
 
 
 def evaluate(model, cfg: Config, rt, metrics, step: int) -> dict:

@@ -8,9 +8,11 @@ one. GPUs use nccl, CPUs gloo.
 from __future__ import annotations
 
 import os
+import random
 import socket
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -32,6 +34,17 @@ class Runtime:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed this process's generators for rank `rank`: torch (CPU and every CUDA device), numpy's
+    global RNG and Python's `random`, all from seed + rank (ranks draw different numbers, e.g. their
+    dropout masks; what must be the same on every rank, like model init, seeds torch with the seed
+    itself). The same (seed, rank) makes all three produce the same numbers again."""
+    s = seed + rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)   # also seeds every CUDA device
 
 
 def resolve_precision(precision: str, device_type: str) -> str:
