@@ -160,11 +160,23 @@ def train_rt():
     import deepspeed.utils.groups as ds_groups
 
     from vip.train.runtime import free_port, init_runtime
+    names = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+    saved = {k: os.environ.get(k) for k in names}
     if not dist.is_initialized():
         ds_groups._WORLD_GROUP = None        # DeepSpeed caches the world group of an earlier process group
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
                           WORLD_SIZE="1")
-    yield init_runtime(device="cpu", precision="fp32", training=True)
+    try:
+        rt = init_runtime(device="cpu", precision="fp32", training=True)
+    finally:
+        # the group is up: the variables must not leak into launchers that later tests start (their
+        # ranks would try to bind this group's port, or believe they are a world of one)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    yield rt
     if dist.is_initialized():
         dist.destroy_process_group()
     ds_groups._WORLD_GROUP = None
