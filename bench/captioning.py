@@ -79,35 +79,47 @@ def caption_config(args, shards: Path, out: Path, model: str) -> CaptionConfig:
                          local_cpus=args.local_cpus)
 
 
-def captioner_alone(cfg: CaptionConfig, shards: Path, threads: int) -> dict:
-    """Model throughput on pre-decoded images in this process (no Ray, no I/O)."""
+def load_images(shards: Path, size: int, resize: str) -> tuple[list, "object"]:
+    """Every middle frame of a shard folder, decoded up front: (keys, uint8 images [N, size, size, 3])."""
     import numpy as np
-    import torch
     from shards.reader import load_shardset
-    if cfg.device == "cpu":
-        torch.set_num_threads(threads)
-    cap = build_captioner(cfg)
-    spec = cap.input_spec
     ss = load_shardset(shards)
     keys, images = [], []
     for sid, (name, n) in enumerate(zip(ss.names, ss.counts)):
         for chunk in plan_chunks(sid, name, str(shards / name), n, 10 ** 9):
-            meta, imgs = load_chunk(chunk, spec.size, spec.resize)
+            meta, imgs = load_chunk(chunk, size, resize)
             keys += meta["ok"]
             images.append(imgs)
-    images = np.concatenate(images)
-    bs = cfg.batch_size
-    cap.caption(images[:bs], keys[:bs])  # warm-up (allocator, kernels)
-    if cfg.device.startswith("cuda"):
+    return keys, np.concatenate(images)
+
+
+def time_captioner(cap, images, keys: list, batch_size: int, device: str) -> dict:
+    """Captions/s of `cap.caption` over `images` in batches of `batch_size`, after one untimed warm-up
+    batch (allocator, kernels)."""
+    import torch
+    bs = batch_size
+    cap.caption(images[:bs], keys[:bs])
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for i in range(0, len(keys), bs):
         cap.caption(images[i:i + bs], keys[i:i + bs])
-    if cfg.device.startswith("cuda"):
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    return {"clips": len(keys), "seconds": dt, "captions_per_s": len(keys) / dt,
-            "provenance": dataclasses.asdict(cap.provenance)}
+    return {"clips": len(keys), "seconds": dt, "captions_per_s": len(keys) / dt}
+
+
+def captioner_alone(cfg: CaptionConfig, shards: Path, threads: int) -> dict:
+    """Model throughput on pre-decoded images in this process (no Ray, no I/O)."""
+    import torch
+    if cfg.device == "cpu":
+        torch.set_num_threads(threads)
+    cap = build_captioner(cfg)
+    spec = cap.input_spec
+    keys, images = load_images(shards, spec.size, spec.resize)
+    res = time_captioner(cap, images, keys, cfg.batch_size, cfg.device)
+    return {**res, "provenance": dataclasses.asdict(cap.provenance)}
 
 
 class InferenceFlops:

@@ -160,7 +160,7 @@ def train_rt():
     import deepspeed.utils.groups as ds_groups
 
     from vip.train.runtime import free_port, init_runtime
-    names = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+    names = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")     # LOCAL_RANK stays: DeepSpeed reads it
     saved = {k: os.environ.get(k) for k in names}
     if not dist.is_initialized():
         ds_groups._WORLD_GROUP = None        # DeepSpeed caches the world group of an earlier process group
@@ -169,8 +169,9 @@ def train_rt():
     try:
         rt = init_runtime(device="cpu", precision="fp32", training=True)
     finally:
-        # the group is up: the variables must not leak into launchers that later tests start (their
-        # ranks would try to bind this group's port, or believe they are a world of one)
+        # the group is up: its address must not leak into launchers that later tests start (their
+        # ranks would try to bind this group's port, or believe they are a world of one); LOCAL_RANK=0
+        # stays (DeepSpeed's engine reads it; launchers set their own)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
