@@ -69,7 +69,7 @@ def synthetic_batch(B: int, T: int, size: int, L: int, device) -> dict:
             "has_caption": torch.ones(B, dtype=torch.bool)}
 
 
-def make_engine(arch: str, encoder: str, grad_ckpt: bool, batch: int, rt):
+def make_engine(arch: str, encoder: str, grad_ckpt: bool, batch: int, rt, adam: str = "auto"):
     """The trainer's engine (vip.train.engine.build_engine) around a fresh model, world 1, ZeRO 1."""
     from vip.config import ModelConfig, OptimConfig, TrainConfig
     from vip.model import build_model
@@ -77,7 +77,7 @@ def make_engine(arch: str, encoder: str, grad_ckpt: bool, batch: int, rt):
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch=arch, video_encoder=encoder, max_frames=12, grad_checkpointing=grad_ckpt))
     return build_engine(model, rt, TrainConfig(global_batch=batch, precision=rt.precision, zero_stage=1),
-                        OptimConfig(), micro_batch=batch, total_steps=1000)
+                        OptimConfig(adam=adam), micro_batch=batch, total_steps=1000)
 
 
 def step(engine, batch, objective):
@@ -100,7 +100,7 @@ def fits(arch, encoder, grad_ckpt, B, args, rt, objective) -> bool:
     """One full step at micro-batch B without running out of GPU memory."""
     engine = None
     try:
-        engine = make_engine(arch, encoder, grad_ckpt, B, rt)
+        engine = make_engine(arch, encoder, grad_ckpt, B, rt, getattr(args, "adam", "auto"))
         step(engine, synthetic_batch(B, args.frames, args.image_size, args.context, rt.device), objective)
         _sync(rt.device)
         return True
@@ -135,7 +135,7 @@ def bench_row(arch: str, encoder: str, grad_ckpt: bool, args, rt, peak: float) -
         B = largest_batch(arch, encoder, grad_ckpt, args, rt, objective)
     else:
         B = int(args.batch)
-    engine = make_engine(arch, encoder, grad_ckpt, B, rt)
+    engine = make_engine(arch, encoder, grad_ckpt, B, rt, getattr(args, "adam", "auto"))
     batch = synthetic_batch(B, args.frames, args.image_size, args.context, device)
     flops = count_flops(engine, batch, grad_ckpt, objective)
     for _ in range(args.warmup):
@@ -186,6 +186,7 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=70)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--adam", default="auto", choices=["auto", "fused", "torch"], help="optim.adam")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", default=None)

@@ -12,7 +12,7 @@ Submit the captioning job (`python -m vip caption`) to a Ray cluster with `ray j
 Modes:
   running cluster  launch/caption.sh --address http://HEAD:8265 --shards /shared/shards
                    (or export RAY_ADDRESS=http://HEAD:8265). Start the cluster first: on the head
-                   `ray start --head --dashboard-host 0.0.0.0`, on each GPU node
+                   `ray start --head --dashboard-host HEAD_ADDRESS`, on each GPU node
                    `ray start --address HEAD:6379` (docs/captioning.md). The job's driver runs on
                    the head; shards and sidecars must be on a filesystem every node sees.
   one machine      launch/caption.sh --shards data/shards --model-dir runs/tiny_coca

@@ -32,6 +32,25 @@ def test_step_updates_and_matches_plain_adamw_loss(rt, tiny_model_cfg, tiny_engi
     changed = [k for k, v in _params(engine).items() if not torch.equal(v, before[k])]
     assert "visual.proxies" in changed and "text_projection" in changed
 
+    # the same step written in plain PyTorch: loss, backward, clip to 5.0, AdamW with the groups
+    from vip.config import OptimConfig
+    from vip.model import build_model
+    from vip.train.engine import promote_scalar_params
+    from vip.train.optim import param_groups
+    torch.manual_seed(0)
+    ref = build_model(tiny_model_cfg)
+    promote_scalar_params(ref)
+    oc = OptimConfig(lr=1e-3, warmup_ratio=0.0)
+    opt = torch.optim.AdamW(param_groups(ref, oc), lr=oc.lr, betas=oc.betas, eps=oc.eps)
+    loss, _ = PretrainObjective("d", rt)(ref, model_batch())
+    assert loss.item() == pytest.approx(res.loss.item(), rel=1e-6)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), oc.grad_clip)
+    opt.step()
+    got = _params(engine)
+    for k, v in ref.named_parameters():
+        torch.testing.assert_close(got[k], v.detach(), rtol=1e-5, atol=1e-6, msg=k)
+
 
 def test_nonfinite_loss_is_skipped_then_stops(rt, tiny_model_cfg, tiny_engine, model_batch):
     from vip.train.engine import train_step

@@ -239,7 +239,7 @@ def test_largest_batch_from_two_probes(monkeypatch, limit, per_clip, cap, want):
     assert probes[-1]["fits"] and all(not p["fits"] for p in probes[2:-1])
 
 
-def test_fused_adam_fallback_switches_the_trainer_to_torch_adamw(tmp_path, monkeypatch):
+def test_fused_adam_fallback_switches_the_trainer_to_torch_adamw(tmp_path):
     """On a GPU whose FusedAdam build does not finish within --adam-build-limit, the check uses
     torch's AdamW (the trainer's DeepSpeed config with torch_adam) and says so."""
     sys.path.insert(0, str(ROOT))
@@ -247,7 +247,6 @@ def test_fused_adam_fallback_switches_the_trainer_to_torch_adamw(tmp_path, monke
     from bench.gpu_check import __main__ as gpu
     from bench.gpu_check.device import ensure_optimizer
     from vip.config import OptimConfig, TrainConfig
-    monkeypatch.setattr(dsc, "make_ds_config", dsc.make_ds_config)         # restored after the test
     args = gpu.parse_args(["--out", str(tmp_path), "--device", "cpu", "--adam-build-limit", "0"])
     ck = gpu.Check(args, {})
     ck.args.device = "cuda"                  # as on the GPU machine, without touching CUDA
@@ -258,5 +257,6 @@ def test_fused_adam_fallback_switches_the_trainer_to_torch_adamw(tmp_path, monke
         shutil.rmtree(ck.tmp, ignore_errors=True)
     assert ck.optimizer.startswith("torch AdamW (fallback") and res["optimizer"] == ck.optimizer
     assert ck.adam_build["proc"].poll() is not None                       # the build was stopped
-    cfg = dsc.make_ds_config(TrainConfig(global_batch=8), OptimConfig(), 8, 1, "bf16", "cuda")
+    assert ck.adam() == "torch"                                            # optim.adam of its engines
+    cfg = dsc.make_ds_config(TrainConfig(global_batch=8), OptimConfig(adam=ck.adam()), 8, 1, "bf16", "cuda")
     assert cfg["optimizer"]["params"]["torch_adam"] is True

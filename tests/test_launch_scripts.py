@@ -160,10 +160,10 @@ def test_pretrain_dry_run_one_node(nproc, env, fake_python, cwd):
 
 
 def test_pretrain_dry_run_hostfile(env, fake_python, cwd):
-    p = run(PRETRAIN, "--hostfile", "hosts.txt", "--master-addr", "10.0.0.1", "--dry-run", "--", "--config", "b32",
+    p = run(PRETRAIN, "--hostfile", "hosts.txt", "--master-addr", "127.0.0.2", "--dry-run", "--", "--config", "b32",
             env=env, cwd=cwd)
     assert one_command(p) == [str(fake_python), "-m", "deepspeed.launcher.runner", "--master_port", "29500",
-                              "--hostfile", "hosts.txt", "--master_addr", "10.0.0.1",
+                              "--hostfile", "hosts.txt", "--master_addr", "127.0.0.2",
                               "--module", "vip.train", "--config", "b32"]
     assert not ran(fake_python)
 

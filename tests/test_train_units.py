@@ -20,6 +20,10 @@ def test_ds_config_is_derived_from_one_place():
     assert p["lr"] == 5e-6 and p["betas"] == [0.9, 0.98] and p["eps"] == 1e-6 and p["torch_adam"] is True
     assert "bf16" not in ds and "fp16" not in ds
     assert make_ds_config(TrainConfig(global_batch=16), oc, 8, 2, "bf16", "cpu")["bf16"]["enabled"]
+    adam = {(impl, dev): make_ds_config(tc, OptimConfig(adam=impl), 8, 2, "fp32", dev)["optimizer"]["params"]["torch_adam"]
+            for impl in ("auto", "fused", "torch") for dev in ("cpu", "cuda")}
+    assert adam == {("auto", "cpu"): True, ("auto", "cuda"): False, ("fused", "cpu"): False,
+                    ("fused", "cuda"): False, ("torch", "cpu"): True, ("torch", "cuda"): True}
     with pytest.raises(ValueError, match="multiple"):
         grad_accumulation(20, 8, world=2)
 

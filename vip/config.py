@@ -67,6 +67,9 @@ class OptimConfig:
     warmup_ratio: float = 0.01     # share of train.steps spent warming up linearly
     min_lr_ratio: float = 0.0      # cosine floor as a share of lr
     grad_clip: float = 5.0
+    adam: Literal["auto", "fused", "torch"] = "auto"   # AdamW implementation: auto = DeepSpeed's fused
+    #                                  kernel on GPUs, torch's AdamW on CPUs (the fused one needs a ~50 s
+    #                                  C++ compile there); torch = torch's everywhere (no op build)
 
 
 @dataclass(frozen=True)

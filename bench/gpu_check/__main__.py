@@ -67,6 +67,11 @@ class Check:
     def quick(self) -> bool:
         return self.args.quick
 
+    def adam(self) -> str:
+        """optim.adam for the engines the check builds: torch's AdamW when ensure_optimizer fell back
+        to it (or chose it), else the trainer's own choice for the device (auto)."""
+        return "torch" if (self.optimizer or "").startswith("torch") else "auto"
+
     def meta(self) -> dict:
         import torch
         return {"device": device_name(self.args.device), "device_type": "cuda" if self.cuda else "cpu",

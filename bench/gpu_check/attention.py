@@ -106,7 +106,7 @@ def sdpa_backends(qkv_p, qkv_f, device, reps: int) -> dict:
     (sdpa_kernel([b])) — ok and ms, or the error — and the backend the default dispatch picks."""
     import torch
     import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
 
     from vip.model import attention as A
     sources = {"proxy: patches → proxies + own frame": (A.proxy_attention, 0),
@@ -131,16 +131,7 @@ def sdpa_backends(qkv_p, qkv_f, device, reps: int) -> dict:
             leaves = [t.detach().requires_grad_() for t in (q, k, v)]
             F.scaled_dot_product_attention(*leaves, attn_mask=mask).backward(g)
 
-        for name in (*BACKENDS, "default"):
-            try:
-                if name == "default":
-                    ms = 1e3 * median_time(step, device, reps)
-                else:
-                    with sdpa_kernel([getattr(SDPBackend, name)]):
-                        ms = 1e3 * median_time(step, device, reps)
-                row[name] = {"ok": True, "ms": ms}
-            except Exception as e:  # noqa: BLE001
-                row[name] = {"ok": False, "error": first_line(e)}
+        row.update(per_backend(step, device, reps))
         out["calls"][label] = row
     # the whole production function (both of its calls) under each backend
     for fname, fn in {"proxy_attention (fast path)": A.proxy_attention,
@@ -153,20 +144,28 @@ def sdpa_backends(qkv_p, qkv_f, device, reps: int) -> dict:
             o_p, o_f = fn(p, f)
             (o_p.float().sum() + o_f.float().sum()).backward()
 
-        row = {}
-        for name in (*BACKENDS, "default"):
-            try:
-                if name == "default":
-                    ms = 1e3 * median_time(fstep, device, reps)
-                else:
-                    with sdpa_kernel([getattr(SDPBackend, name)]):
-                        ms = 1e3 * median_time(fstep, device, reps)
-                row[name] = {"ok": True, "ms": ms}
-            except Exception as e:  # noqa: BLE001
-                row[name] = {"ok": False, "error": first_line(e)}
+        row = per_backend(fstep, device, reps)
         out["functions"][fname] = row
     release_memory()
     return out
+
+
+def per_backend(step, device, reps: int) -> dict:
+    """Median ms of `step` under each SDPA backend alone and under the default dispatch; a backend
+    that cannot run the call is recorded with its error."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    row = {}
+    for name in (*BACKENDS, "default"):
+        try:
+            if name == "default":
+                ms = 1e3 * median_time(step, device, reps)
+            else:
+                with sdpa_kernel([getattr(SDPBackend, name)]):
+                    ms = 1e3 * median_time(step, device, reps)
+            row[name] = {"ok": True, "ms": ms}
+        except Exception as e:  # noqa: BLE001
+            row[name] = {"ok": False, "error": first_line(e)}
+    return row
 
 
 def equality(B, M, T, N, H, d, device) -> dict:

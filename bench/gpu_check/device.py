@@ -142,23 +142,4 @@ def ensure_optimizer(ck: Check, res: dict) -> None:
             why = "build still running after the limit" if rc is None else (tail.strip().splitlines() or ["?"])[-1]
             ck.optimizer = f"torch AdamW (fallback: FusedAdam not available: {why[:200]})"
             res["fused_adam_log"] = tail
-    if ck.optimizer.startswith("torch"):
-        use_torch_adam()
     res["optimizer"] = ck.optimizer
-
-
-def use_torch_adam() -> None:
-    """Make the trainer's DeepSpeed config take torch's AdamW on any device (`torch_adam`)."""
-    import vip.train.ds_config as dsc
-    if getattr(dsc.make_ds_config, "_torch_adam", False):
-        return
-    orig = dsc.make_ds_config
-
-    def make_ds_config(*a, **kw):
-        cfg = orig(*a, **kw)
-        cfg["optimizer"]["params"]["torch_adam"] = True
-        return cfg
-
-    make_ds_config._torch_adam = True
-    dsc.make_ds_config = make_ds_config
-

@@ -23,14 +23,6 @@ TRAIN_WRAPPER = """\
 import os, runpy, torch
 torch.backends.cudnn.deterministic = True
 torch.backends.cudnn.benchmark = False
-if os.environ.get("VIP_GPU_CHECK_TORCH_ADAM") == "1":
-    import vip.train.ds_config as d
-    _orig = d.make_ds_config
-    def _make(*a, **kw):
-        cfg = _orig(*a, **kw)
-        cfg["optimizer"]["params"]["torch_adam"] = True
-        return cfg
-    d.make_ds_config = _make
 runpy.run_module("vip.train", run_name="__main__", alter_sys=True)
 """
 
@@ -73,8 +65,6 @@ def run_trainer(ck: Check, args: list[str], log: Path) -> dict:
     if not ck.cuda:
         env["DS_ACCELERATOR"] = "cpu"
         env["CUDA_VISIBLE_DEVICES"] = ""
-    if not ck.cuda or (ck.optimizer and ck.optimizer.startswith("torch")):
-        env["VIP_GPU_CHECK_TORCH_ADAM"] = "1"         # on a CPU the trainer's own setting anyway
     t0 = time.monotonic()
     with open(log, "w") as f:
         p = subprocess.Popen([sys.executable, "-c", TRAIN_WRAPPER, *args], cwd=ROOT, env=env, stdout=f,
@@ -141,7 +131,8 @@ def part_pretrain(ck: Check, res: dict) -> None:
     release_memory()
     plan = [("A", work / "a", N, half), ("B1", work / "b", half, half), ("B2", work / "b", N, half)]
     for name, out, steps, save_every in plan:
-        r = run_trainer(ck, pretrain_args(shards, out, steps, save_every), work / f"{name}.log")
+        r = run_trainer(ck, pretrain_args(shards, out, steps, save_every) + [f"optim.adam={ck.adam()}"],
+                        work / f"{name}.log")
         res["runs"][name] = r
         ck.save()
         if r["rc"] != 0:

@@ -52,6 +52,7 @@ def part_train_step(ck: Check, res: dict) -> None:
     if ck.peak_flops is None:
         ck.peak_flops = ts.matmul_peak_flops(rt.device, rt.dtype, 8192 if ck.cuda else 512)
     plan, targs = train_plan(ck)
+    targs.adam = ck.adam()                    # optim.adam of the engines built below
     res.update(precision=rt.precision, zero_stage=1, frames=targs.frames, image_size=targs.image_size,
                context=targs.context, steps=targs.steps, warmup=targs.warmup, peak_flops=ck.peak_flops,
                max_batch=ck.args.max_batch if ck.cuda and not ck.quick else None, rows=[], skipped_rows=[],

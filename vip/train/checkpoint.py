@@ -75,10 +75,8 @@ def set_rng_state(state: dict) -> None:
 # ---------------------------------------------------------------------------------- write errors
 def _blocking_ancestor(path: Path) -> Path | None:
     """The first existing ancestor of `path` when it is a file, not a folder."""
-    for p in [path, *path.parents]:
-        if p.exists():
-            return None if p.is_dir() else p
-    return None
+    p = _existing(path)
+    return None if p.is_dir() else p
 
 
 def _os_reason(e: BaseException, path: Path) -> str | None:

@@ -25,8 +25,9 @@ def make_ds_config(train: TrainConfig, optim: OptimConfig, micro_batch: int, wor
         "zero_optimization": {"stage": train.zero_stage},
         "optimizer": {"type": "AdamW", "params": {
             "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay,
-            # the fused CPU Adam needs a ~50 s C++ compile; torch's AdamW is exact and fine on CPU
-            "torch_adam": device_type != "cuda", "adam_w_mode": True}},
+            # optim.adam=auto: the fused kernel on GPUs; on CPUs torch's AdamW (exact, no ~50 s compile)
+            "torch_adam": optim.adam == "torch" or (optim.adam == "auto" and device_type != "cuda"),
+            "adam_w_mode": True}},
         "steps_per_print": 10 ** 9,       # we log ourselves
         "wall_clock_breakdown": False,
     }

@@ -115,17 +115,18 @@ class Engine:
         if p is None:
             return
         with torch.no_grad():
-            master = safe_get_full_fp32_param(p)          # a collective under ZeRO: every rank calls it
+            # the module's copy is the same on every rank and, rounding included, out of range whenever
+            # the master is: only then touch the master (a collective). ZeRO-3 holds no local copy.
+            if p.numel() and not bool(((p < 0) | (p > LOGIT_SCALE_MAX)).any()):
+                return
+            master = safe_get_full_fp32_param(p)
             if master is not None and ((master < 0) | (master > LOGIT_SCALE_MAX)).any():
                 safe_set_full_fp32_param(p, master.clamp(0, LOGIT_SCALE_MAX))
             p.clamp_(0, LOGIT_SCALE_MAX)
 
-    def state_dict(self) -> dict:
-        """The model's weights with the original shapes (0-dim logit_scale)."""
-        return {k: (v.reshape(()) if k in self.promoted else v) for k, v in self.module.state_dict().items()}
-
     def export(self, model_cfg: ModelConfig, out: str | Path) -> Path:
-        return export_state(self.state_dict(), model_cfg, out)
+        """The weights as a `vip.load`-able folder (export_state restores the 0-dim shapes)."""
+        return export_state(self.module.state_dict(), model_cfg, out)
 
 
 def build_engine(model: torch.nn.Module, rt: Runtime, train: TrainConfig, optim: OptimConfig, micro_batch: int,
