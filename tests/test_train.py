@@ -1,4 +1,5 @@
 """DeepSpeed pretraining end to end: 2 real CPU processes (gloo) through launch/pretrain.sh."""
+import glob
 import json
 import os
 import signal
@@ -68,8 +69,11 @@ def test_kill9_and_sigterm_resume_bitwise(shard_dir, tmp_path, free_port):
     resumes, and bit-identical final weights — with dropout, so the RNG states each step draws
     from must continue exactly too. The pre-empted launch exits 143."""
     drop = {"model.dropout": 0.1}
-    rc, log_a = _run(_args(shard_dir, tmp_path / "a", **drop), free_port())
+    port = free_port()
+    rc, log_a = _run(_args(shard_dir, tmp_path / "a", **drop), port)
     assert rc == 0, log_a[-3000:]
+    # DeepSpeed's CPU all-reduce buffers (one /dev/shm file per rank) are released, not leaked
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")
     assert "samples/s" in log_a and "data wait" in log_a
     ref_keys, ref_final, ref_records = _keys(tmp_path / "a"), _final(tmp_path / "a"), _records(tmp_path / "a")
     assert len(ref_keys[0]) == 8 and set(ref_keys[0][0]).isdisjoint(ref_keys[1][0])

@@ -78,6 +78,31 @@ def pick_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device(device)
 
 
+def cpu_shm_path(rank: int) -> str:
+    """The /dev/shm file DeepSpeed's CPU all-reduce creates for this rank (named after the
+    launcher's MASTER_ADDR/MASTER_PORT)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_cpu_shm() -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer once every rank has mapped it.
+
+    DeepSpeed (0.18) maps one ~69 MB /dev/shm file per rank when all ranks share a machine
+    and never unlinks it: every CPU run leaked memory until reboot (tens of GB over a test
+    suite). After a barrier every rank has opened every buffer, so the names can go; the
+    mappings live on until the processes exit."""
+    if not dist.is_initialized():
+        return
+    rank = dist.get_rank()
+    if dist.get_backend() == "gloo":
+        dist.barrier()
+    try:
+        os.unlink(cpu_shm_path(rank))
+    except FileNotFoundError:
+        pass
+
+
 def init_runtime(device: str = "auto", precision: str = "auto", training: bool = False) -> Runtime:
     """Join the launcher's process group and pick the device.
 
@@ -96,6 +121,7 @@ def init_runtime(device: str = "auto", precision: str = "auto", training: bool =
                 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
                                   LOCAL_RANK="0", WORLD_SIZE="1")
             deepspeed.init_distributed(dist_backend=backend)
+            release_cpu_shm()
         elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
             dist.init_process_group(backend)
     rank, world = world_info()
