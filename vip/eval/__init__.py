@@ -6,5 +6,5 @@
     retrieval   evaluate_shards (training), evaluate / run_eval (`vip eval`)
     videos      annotation jsonl + a video folder → decoded clips
     domain_gap  `vip analyze domain-gap` (K-means NMI between text corpora)
-    heads       X-CLIP / DRL / CLIP4Clip retrieval heads
+    heads       (moved to vip.model.heads: CLIP4Clip / X-CLIP / DRL retrieval heads)
 """

@@ -34,6 +34,10 @@ class MeanPoolViT(VideoViT):
         frames = video.flatten(0, 1).unsqueeze(1)                          # [B·T, 1, 3, H, W]
         return super().forward(frames).view(B, T, -1)                      # [B, T, D]
 
+    def frame_tokens(self, video: Tensor) -> Tensor:
+        """Per-frame features for the retrieval heads: the frames' CLIP embeddings [B, T, D]."""
+        return self.frame_features(video)
+
     def forward(self, video: Tensor) -> Tensor:
         if video.ndim != 5:
             raise ValueError(f"video must be [B, T, 3, H, W], got {tuple(video.shape)}")
@@ -76,6 +80,14 @@ class SeqTransfViT(MeanPoolViT):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         super().set_grad_checkpointing(enable)
         self.seq_transformer.grad_checkpointing = enable
+
+    def frame_tokens(self, video: Tensor) -> Tensor:
+        """Per-frame features for the retrieval heads: the temporal transformer's output + residual [B, T, D]."""
+        T = video.shape[1]
+        if T > self.max_frames:
+            raise ValueError(f"seqtransf has frame positions for {self.max_frames} frames, got {T}")
+        x = self.frame_features(video)                                     # [B, T, D]
+        return self.seq_transformer(x + self.frame_position[:T].to(x.dtype)) + x
 
     def forward(self, video: Tensor) -> Tensor:
         if video.ndim != 5:

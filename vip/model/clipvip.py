@@ -72,6 +72,7 @@ class CLIPViP(nn.Module):
         # checkpoints are the same with or without it); at 0 no module runs and no random number is drawn
         self.feature_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.embed_dim = self.visual.output_dim
+        self.head = None                     # a retrieval head (vip.model.heads.attach_head); none by default
 
     # ------------------------------------------------------------------ switches
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -98,8 +99,8 @@ class CLIPViP(nn.Module):
             raise ValueError(f"image must be [B, 3, H, W], got {tuple(image.shape)}")
         return self.encode_video(image.unsqueeze(1), normalize)
 
-    def encode_text(self, text: Tensor, normalize: bool = True) -> Tensor:
-        """tokens [B, L] (open_clip tokenizer, L <= context length) → [B, D]."""
+    def _text_hidden(self, text: Tensor) -> Tensor:
+        """tokens [B, L] → final hidden states after ln_final [B, L, W]."""
         L = text.shape[1]
         if L > self.context_length:
             raise ValueError(f"text has {L} tokens; the text tower's context length is {self.context_length}")
@@ -108,22 +109,63 @@ class CLIPViP(nn.Module):
         x = x + self.positional_embedding[:L].to(cast_dtype)
         mask = self.attn_mask[:L, :L] if self.attn_mask is not None else None
         x = self.transformer(x, attn_mask=mask)
-        x = self.ln_final(x)
+        return self.ln_final(x)
+
+    def _project_text(self, x: Tensor) -> Tensor:
+        """[..., W] → [..., D] through the text projection."""
+        if self.text_projection is None:
+            return x
+        return self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
+
+    def encode_text(self, text: Tensor, normalize: bool = True) -> Tensor:
+        """tokens [B, L] (open_clip tokenizer, L <= context length) → [B, D]."""
         from open_clip.transformer import text_global_pool
+        x = self._text_hidden(text)
         x = text_global_pool(x, text, self.text_pool_type, eos_token_id=self.text_eos_id)  # [B, W]
-        if self.text_projection is not None:
-            x = self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
-        x = self.feature_dropout(x)
+        x = self.feature_dropout(self._project_text(x))
         return F.normalize(x, dim=-1) if normalize else x
+
+    # ------------------------------------------------------------------ token-level features (retrieval heads)
+    def encode_text_tokens(self, text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """tokens [B, L] → (sentence [B, D], words [B, L, D], word mask [B, L] bool), unnormalised.
+        sentence is encode_text's pooled (EOS) feature; words are every position through ln_final
+        and the text projection (X-CLIP / DRL's ``encode_text(return_hidden=True)``); the mask is
+        True for real tokens (id != 0: SOT, words, EOT), False for padding."""
+        from open_clip.transformer import text_global_pool
+        h = self._text_hidden(text)                                         # [B, L, W]
+        words = self.feature_dropout(self._project_text(h))                 # [B, L, D]
+        pooled = text_global_pool(h, text, self.text_pool_type, eos_token_id=self.text_eos_id)
+        sentence = self.feature_dropout(self._project_text(pooled))         # [B, D]
+        return sentence, words, text != 0
+
+    def encode_video_frames(self, video: Tensor) -> tuple[Tensor, Tensor]:
+        """video [B, T, 3, H, W] → (frame features [B, T, D] unnormalised, frame mask [B, T] all True).
+        What a frame feature is depends on the video encoder (docs/model.md, "Frame features"):
+        meanpool: each frame's CLIP image embedding (as CLIP4Clip / X-CLIP / DRL take them);
+        seqtransf: the temporal transformer's output per frame; vip / full: each frame's patch
+        tokens after the last block, averaged, through ln_post and the projection."""
+        if video.ndim != 5:
+            raise ValueError(f"video must be [B, T, 3, H, W], got {tuple(video.shape)}")
+        x = self.feature_dropout(self.visual.frame_tokens(video))
+        return x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
 
     # ------------------------------------------------------------------ training
     def forward(self, video: Tensor | None = None, frame: Tensor | None = None, subtitle: Tensor | None = None,
-                caption: Tensor | None = None) -> dict[str, Tensor | None]:
+                caption: Tensor | None = None, tokens: bool = False) -> dict[str, Tensor | None]:
         """One call for the trainer: any of video [B, T, 3, H, W], frame [B, 3, H, W],
         subtitle [B, L], caption [B, L]. Returns {"video", "frame", "subtitle", "caption"}:
         L2-normalised features [B, D] (None for inputs not given) and "logit_scale": the
         log-space scale (scalar; clamped to [0, ln 200] by the trainer after each step). Subtitles and captions of the same length share one
-        text-tower pass."""
+        text-tower pass. tokens=True (fine-tuning with a retrieval head): video and subtitle give their
+        token-level features instead: "frames" [B, T, D], "frame_mask" [B, T], "sentence" [B, D],
+        "words" [B, L, D], "word_mask" [B, L] (unnormalised; see encode_video_frames / encode_text_tokens)."""
+        if tokens:
+            if video is None or subtitle is None or frame is not None or caption is not None:
+                raise ValueError("tokens=True takes video and subtitle only")
+            frames, frame_mask = self.encode_video_frames(video)
+            sentence, words, word_mask = self.encode_text_tokens(subtitle)
+            return {"frames": frames, "frame_mask": frame_mask, "sentence": sentence, "words": words,
+                    "word_mask": word_mask, "logit_scale": self.scale()}
         out: dict[str, Tensor | None] = {"video": None, "frame": None, "subtitle": None, "caption": None}
         if video is not None:
             out["video"] = self.encode_video(video)

@@ -185,6 +185,13 @@ class VideoViT(nn.Module):
         """Proxy 0 → ln_post → proj: [B, M, C] → [B, D]."""
         return self.ln_post(p[:, 0]) @ self.proj.to(p.dtype)
 
+    def frame_tokens(self, video: Tensor) -> Tensor:
+        """video [B, T, 3, H, W] → per-frame features [B, T, D] for the retrieval heads: each frame's
+        patch tokens after the last block (proxy-guided or full attention), averaged over the frame,
+        then ln_post and proj, the same path proxy 0 takes to the video embedding."""
+        _, f = self.encode_tokens(video, patches=True)                     # [B, T, N, C]
+        return self.ln_post(f.mean(dim=2)) @ self.proj.to(f.dtype)         # [B, T, D]
+
     def forward(self, video: Tensor) -> Tensor:
         """video [B, T, 3, H, W] → unnormalised video embedding [B, D]."""
         if video.ndim != 5:
