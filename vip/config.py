@@ -122,6 +122,10 @@ class EvalConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "fp32"   # weights and pixels; auto: bf16 on GPUs that have it
     out: str = "eval.json"         # metrics JSON (vip eval) / parquet (vip embed)
     shards: Optional[str] = None   # vip embed: a shard folder instead of a video folder
+    head: Literal["auto", "none", "meanp", "seqtransf", "xclip", "drl"] = "auto"
+    #   scoring: auto = the export's retrieval head if it has one, else text·video; none = text·video
+    #   (pooled features); a name = that head (the export's trained one; meanp needs no weights)
+    head_chunk: int = 256          # texts × videos scored per block with a head (memory: see docs/evaluation.md)
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,18 @@ class FinetuneConfig:
     resize: Literal["squash", "crop"] = "squash"
     paragraph: bool = False        # DiDeMo: one paragraph per video
     num_workers: int = 2
+    # retrieval head (docs/evaluation.md, "Heads"): none = pooled features + InfoNCE (CLIP-ViP); meanp | seqtransf
+    # (CLIP4Clip), xclip (X-CLIP), drl (DRL) train the head on token-level features with (CE_t2v + CE_v2t) / 2
+    head: Literal["none", "meanp", "seqtransf", "xclip", "drl"] = "none"
+    head_lr: float = 1.0e-4        # lr of the head's parameters (the originals: 1e-4; backbone optim.lr)
+    head_layers: int = 4           # temporal transformer layers (seqtransf, xclip, drl)
+    head_temporal: bool = True     # xclip / drl: seqTransf on the frames, as the originals' scripts
+    head_mask_padding: bool = False  # option: leave padded words / frames out of xclip's softmaxes, drl's max
+    xclip_length_weights: bool = True  # X-CLIP's L×L / T×T re-weighting matrices (false: any L and T)
+    xclip_temperature: float = 0.01
+    cdcr_lambda: float = 0.001     # DRL: weight of the channel decorrelation term (0: off)
+    cdcr_alpha1: Optional[float] = None  # DRL: on-diagonal weight; default by backbone (0.11 patch 16, else 0.14)
+    cdcr_alpha2: float = 0.0       # DRL: off-diagonal weight
 
 
 @dataclass(frozen=True)

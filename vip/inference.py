@@ -5,6 +5,8 @@
     v = m.encode_video(["a.mp4", "b.mkv"])            # [2, D] L2-normalised
     t = m.encode_text(["a dog catches a frisbee"])    # [1, D]
     s = m.similarity(["a.mp4", "b.mkv"], ["a dog", "a cat"])   # [2 texts, 2 videos] cosine
+    # an export fine-tuned with a retrieval head (vip finetune finetune.head=xclip|drl|…) scores with it:
+    # m.head is the head; similarity(...) uses it (head=False: the pooled cosine instead)
 
 Files that cannot be used raise an error naming the path: FileNotFoundError (missing),
 ValueError for an empty path, `vip.eval.videos.VideoError` (a ValueError) with reason
@@ -126,9 +128,48 @@ class VideoTextModel:
         return torch.cat([self.model.encode_text(self.tokenize(texts[i:i + batch_size]).to(self.device)).float()
                           for i in range(0, len(texts), batch_size)])
 
-    def similarity(self, videos, texts, num_frames: int | None = None) -> torch.Tensor:
-        """Cosine similarity [num_texts, num_videos] (multiply by exp(logit_scale) for logits)."""
-        return self.encode_text(texts) @ self.encode_video(videos, num_frames).T
+    @property
+    def head(self):
+        """The model's retrieval head (vip.model.heads), or None."""
+        return getattr(self.model, "head", None)
+
+    @torch.no_grad()
+    def encode_video_frames(self, videos, num_frames: int | None = None, batch_size: int = 16) -> torch.Tensor:
+        """→ per-frame features [B, T, D] (unnormalised, float32; what a retrieval head scores)."""
+        x = self.video_tensor(videos, num_frames)
+        dtype = next(self.model.parameters()).dtype
+        parts = [self.model.encode_video_frames(x[i:i + batch_size].to(self.device, dtype))[0].float()
+                 for i in range(0, len(x), batch_size)]
+        return torch.cat(parts) if parts else torch.zeros(0, x.shape[1], self.embed_dim, device=self.device)
+
+    @torch.no_grad()
+    def encode_text_tokens(self, texts, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Strings (tokenised at the head's training length when there is a head) or token ids →
+        (sentence [N, D], words [N, L, D], word mask [N, L])."""
+        if not isinstance(texts, torch.Tensor):
+            texts = [texts] if isinstance(texts, str) else list(texts)
+            length = (self.head.spec.get("context_length") if self.head is not None else None) or self.tokenize.context_length
+            from vip.model.archs import tokenizer_for
+            tok = self.tokenize if length == self.tokenize.context_length else tokenizer_for(self.tokenize.name, length)
+            texts = tok(texts)
+        parts = [self.model.encode_text_tokens(texts[i:i + batch_size].to(self.device))
+                 for i in range(0, len(texts), batch_size)]
+        return tuple(torch.cat([p[k] for p in parts]) for k in range(3))
+
+    def similarity(self, videos, texts, num_frames: int | None = None, head: bool | None = None,
+                   chunk_size: int = 256) -> torch.Tensor:
+        """[num_texts, num_videos]: the retrieval head's similarity when the model has one (head=None
+        or True), else (or head=False) the cosine of the pooled features. Multiply by
+        exp(logit_scale) for logits. The head scores chunk_size² pairs at a time."""
+        if head is None:
+            head = self.head is not None
+        if not head:
+            return self.encode_text(texts) @ self.encode_video(videos, num_frames).T
+        if self.head is None:
+            raise ValueError("this model has no retrieval head (fine-tune one: vip finetune finetune.head=…)")
+        from vip.eval.retrieval import head_similarity
+        frames = self.encode_video_frames(videos, num_frames)
+        return head_similarity(self.head, self.encode_text_tokens(texts), frames, self.device, chunk_size)
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", num_frames: int | None = None,

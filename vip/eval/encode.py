@@ -50,10 +50,17 @@ def _cat(parts: list, dim: int) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dim)
 
 
+def frame_features(model, video: torch.Tensor) -> torch.Tensor:
+    """`encode_batches`' video_fn for retrieval heads: per-frame features [b, T, D] (unnormalised)."""
+    return model.encode_video_frames(video)[0]
+
+
 @torch.no_grad()
 def encode_batches(model, batches: Iterable[dict], rt: Runtime, limit: Optional[int] = None,
-                   progress: bool = False, desc: str = "videos") -> Encoded:
+                   progress: bool = False, desc: str = "videos", video_fn=None) -> Encoded:
     """Encode this rank's batches (at most `limit` clips), then gather every rank's features.
+    video_fn(model, video) → features (default: model.encode_video, [b, D]; `frame_features`
+    gives [b, T, D] for a retrieval head).
 
     Pixels go to `rt.device` in the model's own dtype; features come back as float32 on the
     CPU. The model is put in eval mode and restored to its mode afterwards. Every rank must
@@ -69,7 +76,8 @@ def encode_batches(model, batches: Iterable[dict], rt: Runtime, limit: Optional[
             failed.update(dict(batch.get("failed") or ()))
             if batch.get("video") is None or not len(batch["key"]):
                 continue
-            vids.append(model.encode_video(batch["video"].to(rt.device, dtype)).float().cpu())
+            x = batch["video"].to(rt.device, dtype)
+            vids.append((video_fn(model, x) if video_fn else model.encode_video(x)).float().cpu())
             if batch.get("text") is not None:
                 txts.append(model.encode_text(batch["text"].to(rt.device)).float().cpu())
             keys += list(batch["key"])
@@ -136,3 +144,16 @@ def encode_texts(model, texts: list[str], tokenize, device, batch_size: int = 25
     out = [model.encode_text(tokenize(texts[i:i + batch_size]).to(device)).float().cpu()
            for i in range(0, len(texts), batch_size)]
     return torch.cat(out) if out else torch.zeros(0, int(getattr(model, "embed_dim", 0) or 0))
+
+
+@torch.no_grad()
+def encode_text_tokens(model, texts: list[str], tokenize, device, batch_size: int = 256
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Strings → (sentence [N, D], words [N, L, D], word mask [N, L]) float32 CPU, unnormalised
+    (`CLIPViP.encode_text_tokens`; L = the tokenizer's context length)."""
+    parts = [model.encode_text_tokens(tokenize(texts[i:i + batch_size]).to(device))
+             for i in range(0, len(texts), batch_size)]
+    if not parts:
+        raise ValueError("no texts to encode")
+    return (torch.cat([p[0] for p in parts]).float().cpu(), torch.cat([p[1] for p in parts]).float().cpu(),
+            torch.cat([p[2] for p in parts]).cpu())

@@ -22,7 +22,8 @@ import torch
 
 from shards.atomic import write_json
 from vip.config import DataConfig, EvalConfig
-from vip.eval.encode import encode_batches, encode_texts, folder_batches, runtime_of, shard_batches, shard_loader
+from vip.eval.encode import (encode_batches, encode_text_tokens, encode_texts, folder_batches, frame_features,
+                             runtime_of, shard_batches, shard_loader)
 from vip.eval.metrics import COLUMNS, format_table, plain_and_dsl
 from vip.eval.models import command_runtime, load_eval_model, require, require_model, require_path
 from vip.eval.videos import read_annotations
@@ -55,7 +56,8 @@ def evaluate(model, cfg: EvalConfig, tokenize, rt: Runtime | None = None, name: 
     clip_ids = [it.clip_id for it in items]
     batches = folder_batches(clip_ids, cfg.videos, rt, cfg.num_frames, image_size(model), cfg.resize,
                              cfg.batch_size, cfg.num_workers)
-    enc = encode_batches(model, batches, rt, progress=progress)
+    head = resolve_head(model, cfg.head)
+    enc = encode_batches(model, batches, rt, progress=progress, video_fn=frame_features if head else None)
     kept, failed = enc.keys, enc.failed
     texts, t2v = [], []
     for col, i in enumerate(kept):
@@ -67,13 +69,52 @@ def evaluate(model, cfg: EvalConfig, tokenize, rt: Runtime | None = None, name: 
         log.warning("skipped %d of %d videos (%s); %d texts dropped", len(failed), len(items), reasons, dropped_texts)
     if not kept:
         raise RuntimeError(f"no video of {len(items)} could be decoded ({reasons})")
-    tfeat = encode_texts(model, texts, tokenize, rt.device, cfg.text_batch_size)
-    plain, with_dsl = plain_and_dsl(tfeat @ enc.video.T, t2v)                # [texts, videos]
-    return {"model": name, "annotations": str(cfg.annotations), "paragraph": cfg.paragraph,
+    if head is None:
+        tfeat = encode_texts(model, texts, tokenize, rt.device, cfg.text_batch_size)
+        sim = tfeat @ enc.video.T                                            # [texts, videos]
+    else:
+        sim = head_similarity(head, encode_text_tokens(model, texts, tokenize, rt.device, cfg.text_batch_size),
+                              enc.video, rt.device, cfg.head_chunk)
+    plain, with_dsl = plain_and_dsl(sim, t2v)                                # DSL on top of either
+    return {"model": name, "head": head.spec["name"] if head is not None else "none", "annotations": str(cfg.annotations), "paragraph": cfg.paragraph,
             "num_frames": cfg.num_frames, "videos": len(kept), "texts": len(texts),
             "skipped": len(failed), "skipped_reasons": reasons,
             "skipped_ids": sorted(clip_ids[i] for i in failed), "dropped_texts": dropped_texts,
             "metrics": plain, "dsl_metrics": with_dsl}
+
+
+# --------------------------------------------------------------------------- retrieval heads
+def resolve_head(model, choice: str = "auto"):
+    """The head that scores (None: text·video of the pooled features). auto: the model's head if it
+    has one; none: no head; a name: the model's head of that name (meanp, parameter-free, also
+    without one). A ConfigError when the model lacks the head asked for."""
+    from vip.model.heads import MeanPHead
+    have = getattr(model, "head", None)
+    if choice == "none" or (choice == "auto" and have is None):
+        return None
+    if choice == "auto" or (have is not None and have.spec["name"] == choice):
+        return have
+    if choice == "meanp":
+        return MeanPHead()
+    from vip.config import ConfigError
+    raise ConfigError(f"eval.head={choice}: the model has {'a ' + have.spec['name'] if have else 'no'} head "
+                      f"(fine-tune one with `vip finetune finetune.head={choice}`; eval.head=auto uses the model's)")
+
+
+@torch.no_grad()
+def head_similarity(head, text_tokens: tuple, frames: torch.Tensor, device, chunk_size: int = 256) -> torch.Tensor:
+    """A head's [texts, videos] similarity of (sentence, words, word mask) × frames [N, T, D] (every
+    frame real: the decoders always give T frames), scored on `device` block by block; CPU float32."""
+    dtype = next(head.parameters()).dtype if any(True for _ in head.parameters()) else torch.float32
+    sentence, words, word_mask = (x.to(device, dtype if x.is_floating_point() else None) for x in text_tokens)
+    frames = frames.to(device, dtype)
+    mask = torch.ones(frames.shape[:2], dtype=torch.bool, device=device)
+    was_training = head.training
+    head.eval()
+    try:
+        return head(sentence, words, word_mask, frames, mask, chunk_size=chunk_size).float().cpu()
+    finally:
+        head.train(was_training)
 
 
 def check_eval_config(cfg: EvalConfig) -> None:
@@ -91,7 +132,10 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     check_eval_config(cfg)
     with command_runtime(cfg.device, cfg.precision) as rt:
         model, mcfg, name = load_eval_model(cfg, rt)
-        tokenize = tokenizer_for(cfg.tokenizer or mcfg.arch, model.context_length)
+        head = resolve_head(model, cfg.head)
+        # with a head, texts are tokenised at the length it was trained with (X-CLIP's L×L weights need it)
+        length = (head.spec.get("context_length") if head is not None else None) or model.context_length
+        tokenize = tokenizer_for(cfg.tokenizer or mcfg.arch, length)
         with torch.no_grad():
             res = evaluate(model, cfg, tokenize, rt, name, progress)
         res["config"] = dataclasses.asdict(cfg)

@@ -1,7 +1,9 @@
 """Weights in and out: our export format, and released CLIP-ViP (HuggingFace-CLIP-style) checkpoints.
 
 Export format (a folder): ``model.safetensors`` (the CLIPViP state dict, open_clip-style
-names) + ``config.json`` (``{"format": "vip.clipvip", "version": 1, "model": ModelConfig}``).
+names) + ``config.json`` (``{"format": "vip.clipvip", "version": 1, "model": ModelConfig}``,
+plus ``"head": {name, arguments}`` when the model carries a retrieval head, whose weights are
+the ``head.*`` tensors).
 `load(path)` rebuilds the model from the JSON (never downloading: ``pretrained`` is ignored)
 and loads the tensors. Nothing here unpickles: safetensors, or ``torch.load(weights_only=True)``
 for released ``.pt``/``.bin`` checkpoints.
@@ -234,6 +236,9 @@ def export(model: torch.nn.Module, model_cfg: ModelConfig, out: str | os.PathLik
         save_file(sd, str(tmp), metadata={"format": "pt", "producer": FORMAT})
     meta = {"format": FORMAT, "version": 1, "model": to_dict(model_cfg),
             "embed_dim": int(getattr(model, "embed_dim", 0)) or None}
+    head = getattr(model, "head", None)
+    if head is not None:
+        meta["head"] = dict(head.spec)                                   # rebuilt by load(); weights are head.*
     write_json(out / CONFIG, meta, indent=2)
     return out
 
@@ -264,12 +269,32 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
     return ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """An exported model (folder or its model.safetensors) ready for inference (eval mode)."""
+def read_head_spec(path: str | os.PathLike) -> dict | None:
+    """The retrieval head an export carries ({"name": …, constructor arguments}), or None."""
+    _, cfg_path = _export_paths(path)
+    if not cfg_path.is_file():
+        return None
+    return json.loads(cfg_path.read_text()).get("head")
+
+
+def build_exported(path: str | os.PathLike, **overrides):
+    """A fresh CLIPViP shaped like an export (its ModelConfig with `overrides`, plus its head if it
+    has one), weights not loaded: (model, model_cfg)."""
     from vip.model.clipvip import build_model
-    weights, _ = _export_paths(path)
-    cfg = dataclasses.replace(read_model_config(path), pretrained=None, grad_checkpointing=False)
+    from vip.model.heads import attach_head, build_head
+    cfg = dataclasses.replace(read_model_config(path), pretrained=None, **overrides)
     model = build_model(cfg)
+    spec = read_head_spec(path)
+    if spec:
+        attach_head(model, build_head(spec))
+    return model, cfg
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """An exported model (folder or its model.safetensors) ready for inference (eval mode), with
+    its retrieval head (``model.head``) when the export has one."""
+    weights, _ = _export_paths(path)
+    model, _ = build_exported(path, grad_checkpointing=False)
     load_weights_into(model, weights)
     return model.to(device).eval()
 

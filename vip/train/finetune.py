@@ -3,7 +3,9 @@
 Each step samples one caption per video and T frames with training jitter;
 the loss is the symmetric InfoNCE over features gathered across ranks
 (vip.train.objectives), stepped by the same engine as pretraining
-(vip.train.engine). After every epoch the model is evaluated on the validation
+(vip.train.engine). With `finetune.head=meanp|seqtransf|xclip|drl` a retrieval head
+(vip.model.heads) scores token-level features instead; it trains at `finetune.head_lr`, is
+evaluated with, and is exported inside the model (docs/evaluation.md, "Heads"). After every epoch the model is evaluated on the validation
 split (vip.eval) and the best epoch (validation t2v R@1, then R@5) is exported
 to `<train.out>/best`. Optimiser, batch sizes, precision and seed come from the
 shared optim / train / data sections (preset `finetune`).
@@ -74,9 +76,8 @@ def finetune(cfg: Config) -> int:
 
 def _finetune(cfg: Config, rt, where: dict) -> int:
     from vip.eval.retrieval import evaluate
-    from vip.model import build_model
     from vip.model.archs import image_size, tokenizer_for
-    from vip.model.convert import load_weights_into, read_model_config
+    from vip.model.convert import build_exported, load_weights_into
     from vip.train.engine import build_engine, train_step
     from vip.train.logs import MetricsLog
     from vip.train.objectives import RetrievalObjective
@@ -89,9 +90,9 @@ def _finetune(cfg: Config, rt, where: dict) -> int:
     torch.manual_seed(tc.seed)          # model init: the same on every rank
     if not tc.init_from:
         raise ConfigError("vip finetune needs the exported model to start from: set train.init_from=DIR")
-    model_cfg = dataclasses.replace(read_model_config(tc.init_from), pretrained=None)
-    model = build_model(model_cfg)
+    model, model_cfg = build_exported(tc.init_from)       # an export's head (if any) comes with it
     load_weights_into(model, tc.init_from)
+    setup_head(model, fc)
     tokenize = tokenizer_for(model_cfg.arch, fc.context_length)
     data = TrainVideos(fc, image_size(model), tc.seed)
     micro = cfg.data.batch_size
@@ -103,7 +104,8 @@ def _finetune(cfg: Config, rt, where: dict) -> int:
     if steps_per_epoch == 0:
         raise ValueError(f"{len(data)} training videos are fewer than one global batch ({tc.global_batch})")
     engine = build_engine(model, rt, tc, cfg.optim, micro, steps_per_epoch * fc.epochs)
-    objective = RetrievalObjective(rt)
+    objective = RetrievalObjective(rt, head=fc.head != "none",
+                                   regulariser_weight=fc.cdcr_lambda if fc.head == "drl" else 0.0)
     val = EvalConfig(annotations=fc.val_annotations, videos=fc.val_videos or fc.videos,
                      num_frames=fc.num_frames, resize=fc.resize, paragraph=fc.paragraph, batch_size=micro)
     metrics = MetricsLog(out, enabled=rt.is_main, tensorboard=False)
@@ -131,13 +133,51 @@ def _finetune(cfg: Config, rt, where: dict) -> int:
         if key > best_key:  # same on every rank: the metrics come from gathered features
             best_key, best = key, epoch + 1
             if rt.is_main:
-                engine.export(model_cfg, out / "best")
+                export_model(engine.module, model_cfg, out / "best")
                 write_json(out / "best" / "selection.json",
                            {"epoch": best, "val_metrics": m, "criterion": "val t2v R@1, then R@5"}, indent=2)
     if rt.is_main:
         log.info("best epoch %d (val t2v R@1 %.1f) exported to %s", best, best_key[0], out / "best")
     metrics.close()
     return 0
+
+
+def setup_head(model, fc: FinetuneConfig) -> None:
+    """Give the model the head `fc.head` asks for (kept when the starting export already has it,
+    new otherwise, initialised as the originals do) and its learning rate; none: no head."""
+    from vip.model.heads import attach_head, make_head
+    have = getattr(model, "head", None)
+    if fc.head == "none":
+        if have is not None:
+            log.warning("finetune.head=none: the %s head of train.init_from is dropped", have.spec["name"])
+            attach_head(model, None)
+        return
+    if have is not None and have.spec["name"] != fc.head:
+        raise ConfigError(f"train.init_from carries a {have.spec['name']} head; finetune.head={fc.head} "
+                          f"(set finetune.head={have.spec['name']}, or start from a model without a head)")
+    if have is None:
+        attach_head(model, make_head(fc.head, model, context_length=fc.context_length, num_frames=fc.num_frames,
+                                     layers=fc.head_layers, temporal=fc.head_temporal,
+                                     mask_padding=fc.head_mask_padding, length_weights=fc.xclip_length_weights,
+                                     temperature=fc.xclip_temperature, cdcr_alpha1=fc.cdcr_alpha1,
+                                     cdcr_alpha2=fc.cdcr_alpha2))
+    model.param_lr = {"head.": fc.head_lr}
+    n = sum(p.numel() for p in model.head.parameters())
+    log.info("head %s: %d parameters at lr %g (backbone at optim.lr)", fc.head, n, fc.head_lr)
+
+
+def export_model(module, model_cfg, out: Path) -> Path:
+    """The trained module (0-dim parameters promoted by the engine, maybe a head) as a vip.load-able folder."""
+    if getattr(module, "head", None) is None:
+        from vip.train.engine import export_state
+        return export_state(module.state_dict(), model_cfg, out)
+    from vip.model import build_model
+    from vip.model.convert import export
+    from vip.model.heads import attach_head, build_head
+    from vip.train.engine import restore_scalar_shapes
+    fresh = attach_head(build_model(model_cfg), build_head(module.head.spec))
+    fresh.load_state_dict(restore_scalar_shapes(module.state_dict(), fresh.state_dict()), strict=True)
+    return export(fresh, model_cfg, out)
 
 
 def main(argv=None) -> int:

@@ -14,17 +14,26 @@ NO_DECAY_NAMES = ("logit_scale", "positional_embedding", "position_embedding", "
 
 def param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
     """AdamW groups: weight decay on weight matrices only; none on biases, norms, embeddings,
-    proxies, logit_scale (everything 1-D or named in NO_DECAY_NAMES)."""
-    decay, no_decay = [], []
+    proxies, logit_scale (everything 1-D or named in NO_DECAY_NAMES). A model may carry
+    ``param_lr = {name prefix: lr}`` (fine-tuning a retrieval head: ``{"head.": 1e-4}``, as the
+    originals train their heads faster than CLIP): those parameters get groups of their own at
+    that peak lr (the schedule scales every group alike)."""
+    special = dict(getattr(model, "param_lr", None) or {})
+    groups: dict[tuple, list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or name.endswith(".bias") or any(k in name for k in NO_DECAY_NAMES):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": optim.weight_decay, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+        nd = p.ndim < 2 or name.endswith(".bias") or any(k in name for k in NO_DECAY_NAMES)
+        prefix = next((k for k in special if name.startswith(k)), None)
+        groups.setdefault((nd, prefix), []).append(p)
+    out = [{"params": groups.get((False, None), []), "weight_decay": optim.weight_decay, "name": "decay"},
+           {"params": groups.get((True, None), []), "weight_decay": 0.0, "name": "no_decay"}]
+    for prefix, lr in special.items():
+        for nd in (False, True):
+            if groups.get((nd, prefix)):
+                out.append({"params": groups[(nd, prefix)], "weight_decay": 0.0 if nd else optim.weight_decay,
+                            "lr": lr, "name": f"{prefix}{'no_decay' if nd else 'decay'}"})
+    return out
 
 
 def lr_lambda(step: int, total: int, optim: OptimConfig) -> float:
