@@ -15,7 +15,8 @@ on two tasks, then scored on held-out clips with the head:
 
 Printed: R@1 / R@5 text→video over all held-out clips, and R@1 within each pair (chance 50 %).
 
-Part 2, cost. Scoring Nt × Nv with each head (D = 512, L = 32 words, T = 12 frames, blocks of
+Part 2, cost. A training step's head loss (forward + backward) on a gathered global batch of 128
+pairs' token features (what every rank holds after the all-gather), and scoring Nt × Nv with each head (D = 512, L = 32 words, T = 12 frames, blocks of
 256 × 256) against plain dot-product scoring of pooled features: wall time and the peak resident
 memory the scoring adds (each measurement in a fresh process). At 10k × 10k X-CLIP and DRL take
 ~10⁵ × the dot product's arithmetic, too slow for 2 CPU cores: by default their time is measured
@@ -245,6 +246,36 @@ def measure(head: str, n: int, chunk: int, rows: int | None, D: int = 512, L: in
     return {"head": head, "n": n, "seconds": seconds, "peak_mib": extra, "estimated": blocks_done < blocks_all}
 
 
+def measure_train(head: str, batch: int, D: int = 512, L: int = 32, T: int = 12) -> dict:
+    """In this process: the head's training loss on a gathered global batch (token features of
+    `batch` pairs, with gradient) forward + backward; seconds and peak RSS added (MiB)."""
+    from vip.model.heads import DRLHead, MeanPHead, SeqTransfHead, XCLIPHead
+    from vip.train.objectives import head_retrieval_loss
+    torch.manual_seed(0)
+    leaf = [torch.randn(batch, D, requires_grad=True), torch.randn(batch, L, D, requires_grad=True),
+            torch.randn(batch, T, D, requires_grad=True)]
+    wm = torch.ones(batch, L, dtype=torch.bool)
+    wm[:, L // 2:] = False
+    fm = torch.ones(batch, T, dtype=torch.bool)
+    scale = torch.tensor(4.6)
+    make = {"meanp": lambda: MeanPHead(), "seqtransf": lambda: SeqTransfHead(D, 4, 8),
+            "xclip": lambda: XCLIPHead(D, L, T, heads=8), "drl": lambda: DRLHead(D, heads=8)}
+    h = make[head]() if head != "dot" else None
+    peak = PeakRSS()
+    t0 = time.perf_counter()
+    if h is None:
+        from vip.losses import clip_loss
+        v = torch.nn.functional.normalize(leaf[2].mean(1), dim=-1)
+        loss = clip_loss(v, torch.nn.functional.normalize(leaf[0], dim=-1), scale.exp())
+    else:
+        sim, reg = h(leaf[0], leaf[1], wm, leaf[2], fm, chunk_size=batch, regularise=True)
+        loss, _ = head_retrieval_loss(sim, scale, reg, 1e-3 if head == "drl" else 0.0)
+    loss.backward()
+    seconds = time.perf_counter() - t0
+    return {"head": head, "n": batch, "seconds": seconds, "peak_mib": peak.stop(), "estimated": False,
+            "train": True}
+
+
 class PeakRSS:
     """Peak resident memory above the level at construction (MiB), sampled every 2 ms from /proc."""
 
@@ -271,9 +302,9 @@ class PeakRSS:
         return (self.peak - self.base) / 2 ** 20
 
 
-def cost(sizes, heads, full: bool, chunk: int) -> list:
+def cost(sizes, heads, full: bool, chunk: int, train_batch: int) -> list:
     rows = []
-    for n in sizes:
+    for n in [-train_batch] + list(sizes):                                 # negative: a training step
         for head in ("dot", *[h for h in heads if h != "none"]):
             slow = head in ("xclip", "drl") and n > 2000 and not full
             cmd = [sys.executable, __file__, "--_measure", head, str(n), str(chunk), str(1 if slow else 0)]
@@ -282,7 +313,7 @@ def cost(sizes, heads, full: bool, chunk: int) -> list:
             if p.returncode:
                 raise RuntimeError(p.stderr[-2000:])
             rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
-            print(f"  cost {head:9s} {n}² {rows[-1]['seconds']:.2f} s {rows[-1]['peak_mib']:.0f} MiB",
+            print(f"  cost {head:9s} {n} {rows[-1]['seconds']:.2f} s {rows[-1]['peak_mib']:.0f} MiB",
                   file=sys.stderr, flush=True)
     return rows
 
@@ -301,10 +332,11 @@ def table(res: dict) -> str:
         out += ["", "Scoring cost: D=512, L=32 (half padding), T=12, blocks 256×256, CPU fp32; ratio to dot product "
                 "(est. = time scaled from the first block-row)", "",
                 "| texts × videos | head | time (s) | × dot | peak extra memory (MiB) | × dot |", "|---|---|---|---|---|---|"]
-        dots = {r["n"]: r for r in res["cost"] if r["head"] == "dot"}
+        dots = {(r["n"], r.get("train", False)): r for r in res["cost"] if r["head"] == "dot"}
         for r in res["cost"]:
-            d = dots[r["n"]]
-            out.append(f"| {r['n']}×{r['n']} | {r['head']} | {r['seconds']:.2f}{' (est.)' if r['estimated'] else ''} | "
+            d = dots[(r["n"], r.get("train", False))]
+            what = f"train step, batch {r['n']}" if r.get("train") else f"{r['n']}×{r['n']}"
+            out.append(f"| {what} | {r['head']} | {r['seconds']:.2f}{' (est.)' if r['estimated'] else ''} | "
                        f"{r['seconds'] / max(d['seconds'], 1e-9):.0f} | {r['peak_mib']:.0f} | "
                        f"{r['peak_mib'] / max(d['peak_mib'], 1e-9):.1f} |")
     return "\n".join(out)
@@ -324,13 +356,15 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", nargs="*", type=int, default=None, help="cost: N for N×N (default 1000 10000)")
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--full", action="store_true", help="cost: time every block of X-CLIP / DRL at 10k")
+    ap.add_argument("--train-batch", type=int, default=128, help="cost: a training step's loss at this global batch")
     ap.add_argument("--no-quality", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("--_measure", nargs=4, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._measure:
         head, n, chunk, rows = args._measure
-        print(json.dumps(measure(head, int(n), int(chunk), int(rows) or None)))
+        res = measure_train(head, -int(n)) if int(n) < 0 else measure(head, int(n), int(chunk), int(rows) or None)
+        print(json.dumps(res))
         return 0
     steps = args.steps if args.steps is not None else (4 if args.quick else 60)
     sizes = args.sizes if args.sizes is not None else ([300] if args.quick else [1000, 10000])
@@ -338,7 +372,7 @@ def main(argv=None) -> int:
     if not args.no_quality:
         res["quality"] = quality(args.quick, steps, args.frames, args.seed, args.lr, args.head_lr, args.heads,
                                  args.backbones, args.tasks)
-    res["cost"] = cost(sizes, args.heads, args.full, args.chunk)
+    res["cost"] = cost(sizes, args.heads, args.full, args.chunk, 16 if args.quick else args.train_batch)
     print(table(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
