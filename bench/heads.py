@@ -25,7 +25,8 @@ after the first block-row). `--full` runs everything.
 
 Run (repository root)::
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/heads.py                # default, a few minutes on 2 cores
+    OMP_NUM_THREADS=2 .venv/bin/python bench/heads.py                # default: quality + cost at 1k × 1k
+    OMP_NUM_THREADS=2 .venv/bin/python bench/heads.py --no-quality --sizes 10000   # cost at 10k × 10k
     OMP_NUM_THREADS=2 .venv/bin/python bench/heads.py --quick        # CI smoke
     .venv/bin/python bench/heads.py --json heads.json
 """
@@ -353,7 +354,7 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", nargs="*", choices=HEADS, default=list(HEADS))
     ap.add_argument("--backbones", nargs="*", choices=list(BACKBONES), default=list(BACKBONES))
     ap.add_argument("--tasks", nargs="*", choices=list(TASKS), default=list(TASKS))
-    ap.add_argument("--sizes", nargs="*", type=int, default=None, help="cost: N for N×N (default 1000 10000)")
+    ap.add_argument("--sizes", nargs="*", type=int, default=None, help="cost: N for N×N (default 1000; the 10k run: --no-quality --sizes 10000)")
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--full", action="store_true", help="cost: time every block of X-CLIP / DRL at 10k")
     ap.add_argument("--train-batch", type=int, default=128, help="cost: a training step's loss at this global batch")
@@ -367,7 +368,7 @@ def main(argv=None) -> int:
         print(json.dumps(res))
         return 0
     steps = args.steps if args.steps is not None else (4 if args.quick else 60)
-    sizes = args.sizes if args.sizes is not None else ([300] if args.quick else [1000, 10000])
+    sizes = args.sizes if args.sizes is not None else ([300] if args.quick else [1000])
     res = {"steps": steps, "frames": args.frames, "lr": args.lr, "head_lr": args.head_lr, "quality": [], "cost": []}
     if not args.no_quality:
         res["quality"] = quality(args.quick, steps, args.frames, args.seed, args.lr, args.head_lr, args.heads,
