@@ -66,6 +66,8 @@ def read_span(path: str, start: float, end: float, rate: int) -> np.ndarray:
         stream = container.streams.audio[0]
         tb = stream.time_base
         t0 = float(stream.start_time * tb) if stream.start_time is not None else 0.0
+        if stream.duration:   # the stream's real length: the codec's last-frame padding is not audio
+            end = min(end, float(stream.duration * tb))
         frames, first = [], None
         try:
             if start > 0:
@@ -82,7 +84,7 @@ def read_span(path: str, start: float, end: float, rate: int) -> np.ndarray:
                 frames.append(frame)
         except (av.error.FFmpegError, ValueError) as e:
             raise AudioMissing("audio_decode_error", f"{path}: {type(e).__name__}: {e}") from None
-        if not frames:
+        if not frames or end <= start:
             raise AudioMissing("audio_outside_span", f"no audio in [{start:.3f}, {end:.3f})")
         try:
             wave = _mono(frames, rate)
@@ -197,3 +199,18 @@ def fit_frames(mel: np.ndarray, frames: int, train: bool, rng: np.random.Generat
         out[:, :n] = mel
         mask[:n] = True
     return out, mask
+
+
+def clip_log_mel(data: bytes, cfg, train: bool, rng: np.random.Generator | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """A clip file's soundtrack (any container) → (log-mel [n_mels, F], mask bool [F]) with the
+    `data.audio_*` settings of cfg (a DataConfig); no usable audio → all padding (mask False)."""
+    frames = max(1, int(round(cfg.audio_seconds * cfg.audio_rate / cfg.audio_hop)))
+    try:
+        wave = decode_audio(data, cfg.audio_rate)
+    except Exception:  # noqa: BLE001 - no audio stream, undecodable audio: the clip stays, without audio
+        wave = np.zeros(0, np.float32)
+    if len(wave) == 0 or float(np.abs(wave).max()) < SILENT_PEAK:
+        return np.zeros((cfg.audio_n_mels, frames), np.float32), np.zeros(frames, bool)
+    mel = log_mel(wave, cfg.audio_rate, cfg.audio_n_fft, cfg.audio_window, cfg.audio_hop, cfg.audio_n_mels)
+    return fit_frames(mel, frames, train, rng)

@@ -158,3 +158,112 @@ def test_reader_without_audio_members_pads_and_counts_corrupt_audio(audio_shards
     assert sum(len(x["key"]) for x in batches) == 12           # nothing lost
     assert loader.events["corrupt_audio"] == 1
     assert sum(int((~x["has_audio"]).sum()) for x in batches) == 1
+
+
+# --------------------------------------------------------------------------- bad input
+def _source(path, seconds=3.0, audio=None, video=True, corrupt=False):
+    """A source file: 64×48 h264 at 10 fps (unless video=False) and, when `audio` = (rate, layout,
+    wave fn(t) → [n] or None for silence, audio seconds), an AAC stream. corrupt: every other audio
+    packet's payload replaced by noise."""
+    rng = np.random.default_rng(0)
+    with av.open(str(path), mode="w", format="mp4") as c:
+        vs = None
+        if video:
+            vs = c.add_stream("libx264", rate=10)
+            vs.width, vs.height, vs.pix_fmt = 64, 48, "yuv420p"
+        if audio:
+            rate, layout, fn, secs = audio
+            s = c.add_stream("aac", rate=rate)
+            s.layout = layout
+        if video:
+            for i in range(int(seconds * 10)):
+                img = np.full((48, 64, 3), (i * 7) % 255, np.uint8)
+                for p in vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                    c.mux(p)
+            for p in vs.encode():
+                c.mux(p)
+        if audio:
+            n = int(secs * rate)
+            t = np.arange(n) / rate
+            mono = np.zeros(n, np.float32) if fn is None else fn(t).astype(np.float32)
+            ch = av.AudioLayout(layout).nb_channels
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(np.tile(mono, (ch, 1))), format="fltp",
+                                               layout=layout)
+            frame.sample_rate, frame.pts = rate, 0
+            for k, p in enumerate([*s.encode(frame), *s.encode()]):
+                if corrupt and k % 2 == 1 and k > 2:
+                    bad = av.Packet(rng.integers(0, 256, p.size, dtype=np.uint8).tobytes())
+                    bad.pts, bad.dts, bad.time_base, bad.stream = p.pts, p.dts, p.time_base, s
+                    p = bad
+                c.mux(p)
+
+
+def _tone(hz):
+    return lambda t: 0.3 * np.sin(2 * np.pi * hz * t)
+
+
+BAD_SOURCES = {   # video id → (_source kwargs, expected: "kept" | a written-without-audio reason | a skip reason)
+    "noaudio": (dict(), "no_audio_stream"),
+    "silent": (dict(audio=(44100, "stereo", None, 3.0)), "audio_silent"),
+    "st48k": (dict(audio=(48000, "stereo", _tone(1000), 3.0)), "kept"),
+    "six441": (dict(audio=(44100, "5.1", _tone(1000), 3.0)), "kept"),
+    "mono8k": (dict(audio=(8000, "mono", _tone(500), 3.0)), "kept"),
+    "st22k": (dict(audio=(22050, "stereo", _tone(1000), 3.0)), "kept"),
+    "short": (dict(audio=(44100, "mono", _tone(1000), 1.5)), "audio_short"),
+    "ended": (dict(audio=(44100, "mono", _tone(1000), 0.5)), "audio_outside_span"),
+    "corrupt": (dict(audio=(44100, "stereo", _tone(1000), 3.0), corrupt=True), "corrupt"),
+    "audioonly": (dict(audio=(44100, "stereo", _tone(1000), 3.0), video=False), "no_video_stream"),
+}
+
+
+def test_bad_audio_sources_are_counted_never_crash(tmp_path, small_build):
+    """Every clip spans [1, 2.5) s. Kept audio is 16 kHz mono with the source's tone."""
+    import pyarrow.parquet as pq
+    from shards.build import build_shards
+    from shards.tarindex import TarReader
+    src = tmp_path / "src"
+    (src / "videos").mkdir(parents=True)
+    meta, subs = [], []
+    for vid, (kw, _) in BAD_SOURCES.items():
+        _source(src / "videos" / f"{vid}.mp4", **kw)
+        meta.append({"video_id": vid, "clip": [{"clip_id": f"{vid}.0.mp4", "span": ["00:00:01.000", "00:00:02.500"]}]})
+        subs.append({"clip_id": f"{vid}.0.mp4", "text": f"clip {vid}"})
+    (src / "metadata.jsonl").write_text("".join(json.dumps(m) + "\n" for m in meta))
+    (src / "subtitles.jsonl").write_text("".join(json.dumps(s) + "\n" for s in subs))
+    summary = build_shards(small_build(src, tmp_path / "out", clips_per_shard=20))
+    assert summary.shards_failed == 0, summary.table()
+    assert summary.clips_written == len(BAD_SOURCES) - 1                  # only the audio-only file is skipped
+    assert summary.skips.counts == {"no_video_stream": 1}
+    a = summary.audio
+    assert a["no_audio_stream"] == 1 and a["audio_silent"] == 1 and a["audio_outside_span"] == 1
+    assert a["audio_short"] == 1
+    assert a["with_audio"] + a["audio_decode_error"] == 6                 # 4 formats + short + corrupt
+    assert "written without audio: audio_silent" in summary.table()
+    rows = {r["video_id"]: r for r in pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()}
+    r = TarReader(str(next((tmp_path / "out").glob("shard-*.tar"))))
+    for key in r.index.keys:
+        m = json.loads(r.read(key, "json"))
+        vid, want = m["video_id"], BAD_SOURCES[m["video_id"]][1]
+        assert rows[vid]["has_audio"] == m["has_audio"] == ("m4a" in r.index.members[key])
+        if want in ("kept", "audio_short"):
+            assert m["has_audio"] and m["audio"]["rate"] == 16000 and m["audio"]["channels"] == 1
+            wave = decode_audio(r.read(key, "m4a"), 16000, m["audio"]["num_samples"])
+            assert len(wave) == (8000 if want == "audio_short" else 24000), vid
+            hz = 500 if vid == "mono8k" else 1000
+            assert abs(_peak_hz(wave, 16000) - hz) < 15, (vid, _peak_hz(wave, 16000))
+            assert m["audio"]["short"] == (want == "audio_short")
+        elif want != "corrupt":
+            assert not m["has_audio"] and m["audio_missing"] == want
+    r.close()
+
+
+def test_cut_audio_reasons_direct(tmp_path):
+    _source(tmp_path / "quiet.mp4", audio=(16000, "mono", lambda t: SILENT_PEAK / 2 * np.sin(t * 3000), 3.0))
+    from shards.audio import AudioMissing
+    with pytest.raises(AudioMissing) as e:
+        cut_audio(str(tmp_path / "quiet.mp4"), 0.0, 2.0)
+    assert e.value.reason == "audio_silent"
+    (tmp_path / "junk.mp4").write_bytes(b"not a container at all" * 10)
+    with pytest.raises(AudioMissing) as e:
+        cut_audio(str(tmp_path / "junk.mp4"), 0.0, 2.0)
+    assert e.value.reason == "audio_decode_error"

@@ -194,6 +194,9 @@ class FinetuneConfig:
     resize: Literal["squash", "crop"] = "squash"
     paragraph: bool = False        # DiDeMo: one paragraph per video
     num_workers: int = 2
+    method: Literal["clipvip", "eao"] = "clipvip"   # eao: Everything-at-Once fusion of text, video and the
+    #                                clips' audio (model.fusion, loss.fusion_*, data.audio_*; docs/fusion.md);
+    #                                the best epoch is chosen on validation t→(video+audio) R@1
 
 
 @dataclass(frozen=True)
