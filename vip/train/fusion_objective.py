@@ -39,7 +39,7 @@ class FusionObjective:
     def __call__(self, module, batch: dict) -> tuple[torch.Tensor, dict]:
         dev, dt = self.rt.device, self.rt.dtype
         out = module(video=batch["video"].to(dev, dt, non_blocking=True),
-                     text=batch["text"].to(dev, non_blocking=True),
+                     text=batch["text" if "text" in batch else "subtitle"].to(dev, non_blocking=True),
                      audio=batch["audio"].to(dev, dt, non_blocking=True),
                      audio_mask=batch["audio_mask"].to(dev, non_blocking=True))
         emb = {k: gather_features(out[k]) for k in EMBEDDINGS}                              # [world·B, P]
