@@ -176,3 +176,35 @@ def _rank_main(rank, world, port, out):
     torch.save({"loss": float(loss.detach()), "grad": grads}, f"{out}/w{world}_r{rank}.pt")
     if world > 1:
         dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_eao_pretrain_on_shards_with_audio(tmp_path, small_synth, small_build, free_port):
+    """`vip pretrain` with model.fusion on shards built from sources with sound: the reader's audio
+    batches through FusionObjective and the one engine; the export loads as a fusion model."""
+    import dataclasses
+
+    from shards.build import build_shards
+    from shards.synth import make_corpus
+    syn = dataclasses.replace(small_synth(tmp_path / "synth"), audio=True)
+    make_corpus(syn)
+    summary = build_shards(small_build(tmp_path / "synth", tmp_path / "shards"))
+    assert summary.audio["with_audio"] == 12
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
+    args = ["--config", "tiny", f"data.shards={tmp_path}/shards", "data.batch_size=4", "data.num_workers=1",
+            "data.num_frames=4", "data.image_size=32", "data.context_length=32", "data.audio=true",
+            f"train.out={tmp_path}/run", "train.steps=3", "train.global_batch=4", "train.save_every=0",
+            "train.log_every=1", "train.tensorboard=false", "optim.lr=1e-3", "model.arch=vip-tiny",
+            "model.num_proxies=2", "model.max_frames=4", *FUSION]
+    vip_bin = str(Path(sys.executable).parent / "vip")
+    p = subprocess.run([vip_bin, "pretrain", *[a for a in args if a != "data.audio=true"]], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "data.audio=true" in p.stderr                  # refused before any engine
+    p = subprocess.run([vip_bin, "pretrain", *args], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    recs = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "t_va" in r or "loss" in r]
+    assert steps and all(np.isfinite(r["loss"]) for r in steps if "loss" in r)
+    import vip
+    m = vip.load(tmp_path / "run/final")
+    assert type(m.model).__name__ == "EAOModel"
