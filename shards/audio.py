@@ -201,11 +201,16 @@ def fit_frames(mel: np.ndarray, frames: int, train: bool, rng: np.random.Generat
     return out, mask
 
 
+def window_frames(cfg) -> int:
+    """STFT frames of the log-mel window a DataConfig asks for (data.audio_seconds at data.audio_hop)."""
+    return max(1, int(round(cfg.audio_seconds * cfg.audio_rate / cfg.audio_hop)))
+
+
 def clip_log_mel(data: bytes, cfg, train: bool, rng: np.random.Generator | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:
     """A clip file's soundtrack (any container) → (log-mel [n_mels, F], mask bool [F]) with the
     `data.audio_*` settings of cfg (a DataConfig); no usable audio → all padding (mask False)."""
-    frames = max(1, int(round(cfg.audio_seconds * cfg.audio_rate / cfg.audio_hop)))
+    frames = window_frames(cfg)
     try:
         wave = decode_audio(data, cfg.audio_rate)
     except Exception:  # noqa: BLE001 - no audio stream, undecodable audio: the clip stays, without audio

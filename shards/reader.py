@@ -54,7 +54,8 @@ KEPT_EVENTS = frozenset({"short_clip_padded", "corrupt_audio"})
 
 def audio_frames(cfg: DataConfig) -> int:
     """STFT frames of the log-mel window the reader delivers (data.audio_seconds at data.audio_hop)."""
-    return max(1, int(round(cfg.audio_seconds * cfg.audio_rate / cfg.audio_hop)))
+    from shards.audio import window_frames
+    return window_frames(cfg)
 
 
 # --------------------------------------------------------------------------- shard set

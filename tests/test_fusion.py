@@ -278,3 +278,16 @@ def test_eao_model_forward_export_and_load(tmp_path, tiny_model_cfg, tiny_export
     out2 = again(video=video, text=text, audio=mel, audio_mask=mask)
     for k in ("t", "v", "a", "tv", "va", "ta"):
         torch.testing.assert_close(out2[k], out[k], rtol=1e-5, atol=1e-5)
+
+
+def test_fusion_config_checks():
+    from vip.config import ConfigError, load_config
+    cfg = load_config(None, ["model.fusion.dim=64", "model.fusion.num_heads=4"])
+    assert cfg.model.fusion.dim == 64 and cfg.model.fusion.projection_dim == 6144   # the original's default
+    assert load_config(None, []).model.fusion is None                              # off by default
+    with pytest.raises(ConfigError, match="audio_n_mels"):
+        load_config(None, ["model.fusion.audio_n_mels=64"])
+    with pytest.raises(ConfigError, match="fusion_weights"):
+        load_config(None, ["model.fusion.dim=64", "loss.fusion_weights=[1,1]"])
+    with pytest.raises(ConfigError):
+        load_config(None, ["model.fusion.token_projection=linear"])

@@ -31,6 +31,13 @@ def validate_config(cfg: "Config") -> None:
     from vip.config import ConfigError
 
     data, build = cfg.data, cfg.build
+    fusion = cfg.model.fusion
+    if fusion is not None and fusion.audio_n_mels != data.audio_n_mels:
+        raise ConfigError(f"model.fusion.audio_n_mels={fusion.audio_n_mels} but data.audio_n_mels="
+                          f"{data.audio_n_mels}: the audio tower reads the reader's mel bands; set both alike")
+    if fusion is not None and len(cfg.loss.fusion_weights) != 6:
+        raise ConfigError(f"loss.fusion_weights needs 6 weights (t_v, t_a, v_a, t_va, v_ta, a_tv), got "
+                          f"{len(cfg.loss.fusion_weights)}")
     if data.resize == "crop" and build.aspect == "square" and same_path(data.shards, build.out):
         raise ConfigError(
             f"data.resize=crop cannot read the shards this config builds (data.shards = build.out = "
