@@ -291,3 +291,49 @@ def test_fusion_config_checks():
         load_config(None, ["model.fusion.dim=64", "loss.fusion_weights=[1,1]"])
     with pytest.raises(ConfigError):
         load_config(None, ["model.fusion.token_projection=linear"])
+
+
+def test_inference_api_embeds_sound(tmp_path, tiny_model_cfg):
+    """vip.load of a fusion export: encode_audio / encode_fused / fused on files with soundtracks equal
+    the model's own forward on the same log-mels; a file without sound is an audio-absent clip."""
+    import av
+    import numpy as np
+
+    from shards.audio import clip_log_mel
+    from shards.config import DataConfig
+    from vip.inference import load
+    from vip.model import build_model
+    from vip.model.convert import export
+    cfg = _eao_cfg(tiny_model_cfg)
+    torch.manual_seed(0)
+    export(build_model(cfg), cfg, tmp_path / "m")
+    paths = []
+    for i, hz in enumerate((300, 1200)):
+        p = tmp_path / f"c{i}.mp4"
+        with av.open(str(p), "w") as c:
+            vs, au = c.add_stream("libx264", rate=8), c.add_stream("aac", rate=16000)
+            vs.width, vs.height, vs.pix_fmt, au.layout = 64, 64, "yuv420p", "mono"
+            for k in range(8):
+                for pk in vs.encode(av.VideoFrame.from_ndarray(np.full((64, 64, 3), 30 * k, np.uint8), format="rgb24")):
+                    c.mux(pk)
+            for pk in vs.encode():
+                c.mux(pk)
+            t = np.arange(16000) / 16000
+            f = av.AudioFrame.from_ndarray((0.3 * np.sin(2 * np.pi * hz * t)).astype(np.float32)[None], format="fltp",
+                                           layout="mono")
+            f.sample_rate, f.pts = 16000, 0
+            for pk in [*au.encode(f), *au.encode()]:
+                c.mux(pk)
+        paths.append(p)
+    data = DataConfig(audio_seconds=0.5, audio_n_mels=8)
+    m = load(tmp_path / "m", num_frames=4, audio=data)
+    a = m.encode_audio(paths)
+    assert a.shape == (2, 24) and not torch.allclose(a[0], a[1])
+    mels = [clip_log_mel(p.read_bytes(), data, False) for p in paths]
+    mel = torch.from_numpy(np.stack([x for x, _ in mels]))
+    mask = torch.from_numpy(np.stack([k for _, k in mels]))
+    torch.testing.assert_close(a, m.model.encode_audio(mel, mask), rtol=1e-5, atol=1e-5)
+    va = m.encode_fused(paths)
+    e = m.fused(videos=paths, texts=["a tone", "another tone"])
+    torch.testing.assert_close(va, e["va"], rtol=1e-5, atol=1e-5)
+    assert set(e) == {"t", "v", "a", "tv", "va", "ta"}
