@@ -42,11 +42,17 @@ class ClipAudio:
     short: bool                    # the soundtrack ended inside the span
 
 
-def _mono(frames, rate: int) -> np.ndarray:
-    """Decoded audio frames (any layout, rate, sample format) → float32 mono [n] at `rate`."""
+def _mono(frames, rate: int, fast: bool = True) -> np.ndarray:
+    """Decoded audio frames (any layout, rate, sample format) → float32 mono [n] at `rate`.
+    Frames already float mono at `rate` (stored clips) are copied as they are (fast: the same
+    samples as libswresample gives, at half the decode cost); anything else is resampled."""
     resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
     out = []
     for f in frames:
+        if fast and f.sample_rate == rate and f.layout.nb_channels == 1 and f.format.name in ("flt", "fltp"):
+            out.append(f.to_ndarray().reshape(-1))
+            continue
+        fast = False   # one path per stream: from the first frame that needs resampling on, resample
         f.pts = None               # timestamps are tracked by the caller; the resampler just streams
         out += [r.to_ndarray().reshape(-1) for r in resampler.resample(f)]
     out += [r.to_ndarray().reshape(-1) for r in resampler.resample(None)]
@@ -122,7 +128,7 @@ def cut_audio(path: str, start: float, end: float, rate: int = 16000, bitrate: i
     return ClipAudio(encode_m4a(wave, rate, bitrate), rate, len(wave), short)
 
 
-def decode_audio(data: bytes, rate: int, num_samples: int | None = None) -> np.ndarray:
+def decode_audio(data: bytes, rate: int, num_samples: int | None = None, fast: bool = True) -> np.ndarray:
     """Stored audio (or any container PyAV reads) → float32 mono [n] at `rate`, cut to num_samples
     (the encoder's last-frame padding)."""
     with av.open(io.BytesIO(data), mode="r") as c:
@@ -130,7 +136,7 @@ def decode_audio(data: bytes, rate: int, num_samples: int | None = None) -> np.n
             raise ValueError("no audio stream")
         stream = c.streams.audio[0]
         stream.codec_context.thread_count = 1
-        wave = _mono(c.decode(stream), rate)
+        wave = _mono(c.decode(stream), rate, fast)
     return wave[:num_samples] if num_samples is not None else wave
 
 
@@ -167,9 +173,10 @@ _FB: dict = {}
 
 
 def log_mel(wave: np.ndarray, rate: int, n_fft: int = 512, win_length: int = 400, hop: int = 160,
-            n_mels: int = 40, eps: float = 1e-6) -> np.ndarray:
+            n_mels: int = 40, eps: float = 1e-6, start: int = 0, frames: int | None = None) -> np.ndarray:
     """float32 mono [n] → log(mel power + eps) float32 [n_mels, 1 + n // hop] (centred frames,
-    zero padding; a Hann window of win_length centred in n_fft)."""
+    zero padding; a Hann window of win_length centred in n_fft). start/frames: only frames
+    [start, start + frames) of that, computed from their samples alone (the same values)."""
     import torch
     key = (rate, n_fft, n_mels)
     if key not in _FB:
@@ -178,10 +185,25 @@ def log_mel(wave: np.ndarray, rate: int, n_fft: int = 512, win_length: int = 400
     if len(x) < 2:
         x = torch.nn.functional.pad(x, (0, 2 - len(x)))
     x = torch.nn.functional.pad(x[None, None], (n_fft // 2, n_fft // 2))[0, 0]   # centre, zero padding
+    if frames is not None:                        # frame j reads padded samples [j·hop, j·hop + n_fft)
+        x = x[start * hop:(start + frames - 1) * hop + n_fft]
     spec = torch.stft(x, n_fft, hop, win_length, torch.hann_window(win_length), center=False,
                       return_complex=True)                                          # [F, frames]
     mel = _FB[key] @ (spec.real ** 2 + spec.imag ** 2)                              # [n_mels, frames]
     return torch.log(mel + eps).numpy()
+
+
+def mel_window(wave: np.ndarray, cfg, train: bool, rng: np.random.Generator | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """fit_frames(log_mel(wave), window_frames(cfg), train, rng) with the `data.audio_*` settings of
+    cfg, computing only the window's frames (the same draw, the same values)."""
+    F = window_frames(cfg)
+    n = 1 + max(len(wave), 2) // cfg.audio_hop
+    args = (cfg.audio_rate, cfg.audio_n_fft, cfg.audio_window, cfg.audio_hop, cfg.audio_n_mels)
+    if n <= F:
+        return fit_frames(log_mel(wave, *args), F, train, rng)
+    start = int(rng.integers(0, n - F + 1)) if train else (n - F) // 2
+    return log_mel(wave, *args, start=start, frames=F), np.ones(F, bool)
 
 
 def fit_frames(mel: np.ndarray, frames: int, train: bool, rng: np.random.Generator | None = None
@@ -217,5 +239,4 @@ def clip_log_mel(data: bytes, cfg, train: bool, rng: np.random.Generator | None 
         wave = np.zeros(0, np.float32)
     if len(wave) == 0 or float(np.abs(wave).max()) < SILENT_PEAK:
         return np.zeros((cfg.audio_n_mels, frames), np.float32), np.zeros(frames, bool)
-    mel = log_mel(wave, cfg.audio_rate, cfg.audio_n_fft, cfg.audio_window, cfg.audio_hop, cfg.audio_n_mels)
-    return fit_frames(mel, frames, train, rng)
+    return mel_window(wave, cfg, train, rng)

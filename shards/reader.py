@@ -292,16 +292,14 @@ class ClipStream(IterableDataset):
     def load_audio(self, shard: _OpenShard, key: str, meta: dict, rng, events: list):
         """log-mel [n_mels, F] + frame mask [F] of the clip's audio (all padding without audio: a
         clip whose audio member is missing or corrupt keeps its video, the event counted)."""
-        from shards.audio import decode_audio, fit_frames, log_mel
+        from shards.audio import decode_audio, mel_window
         cfg = self.cfg
         frames = audio_frames(cfg)
         if meta.get("has_audio"):
             try:
                 wave = decode_audio(shard.reader.read(key, "m4a"), cfg.audio_rate,
                                     (meta.get("audio") or {}).get("num_samples"))
-                mel = log_mel(wave, cfg.audio_rate, cfg.audio_n_fft, cfg.audio_window, cfg.audio_hop,
-                              cfg.audio_n_mels)
-                return fit_frames(mel, frames, cfg.train, rng)
+                return mel_window(wave, cfg, cfg.train, rng)
             except Exception as e:  # KeyError, EOFError, av errors: the clip stays, without audio
                 events.append(("corrupt_audio", key, f"{type(e).__name__}: {e}"))
         return np.zeros((cfg.audio_n_mels, frames), np.float32), np.zeros(frames, bool)

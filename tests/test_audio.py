@@ -69,6 +69,8 @@ def test_shards_carry_each_clips_audio_span(audio_corpus, audio_shards, small_da
             assert meta["has_audio"] and meta["audio"]["rate"] == 16000 and meta["audio"]["channels"] == 1
             wave = decode_audio(r.read(key, "m4a"), 16000, meta["audio"]["num_samples"])
             assert len(wave) == meta["audio"]["num_samples"] == 32000       # 2 s clips at 16 kHz
+            # the copy path for stored (16 kHz mono float) audio = the same samples as libswresample gives
+            np.testing.assert_array_equal(wave, decode_audio(r.read(key, "m4a"), 16000, 32000, fast=False))
             sound = truth[meta["clip_id"]]["sound"]
             if sound in SOUND_HZ:   # the tone of this clip, not of a neighbour: the span is aligned
                 assert abs(_peak_hz(wave, 16000) - SOUND_HZ[sound]) < 15, (sound, _peak_hz(wave, 16000))
@@ -88,6 +90,19 @@ def test_log_mel_matches_librosa():
     ref = librosa.feature.melspectrogram(y=x, sr=16000, n_fft=512, hop_length=160, win_length=400, n_mels=40,
                                          center=True, pad_mode="constant", power=2.0)
     np.testing.assert_allclose(log_mel(x, 16000), np.log(ref + 1e-6), atol=1e-4)
+
+
+@pytest.mark.parametrize("seconds", [0.5, 1.0, 2.0])
+def test_mel_window_equals_the_window_of_the_whole_spectrogram(seconds):
+    from shards.audio import mel_window
+    from shards.config import DataConfig
+    cfg = DataConfig(audio_seconds=seconds)
+    wave = np.random.default_rng(1).normal(0, 0.1, 16000 + 77).astype(np.float32)
+    for train in (False, True):
+        ref = fit_frames(log_mel(wave, 16000), int(seconds * 100), train, np.random.default_rng(5))
+        got = mel_window(wave, cfg, train, np.random.default_rng(5))
+        np.testing.assert_allclose(got[0], ref[0], atol=1e-5)
+        assert (got[1] == ref[1]).all()
 
 
 def test_fit_frames_windows_and_pads():
