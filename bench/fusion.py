@@ -86,9 +86,11 @@ def make_task(d: Path, kind: str) -> Path:
             for k in range(3):
                 cid = f"{colour}_{j}_{k}"
                 if kind == "audio":   # small unnamed shifts: look-alikes, not identical
-                    sound, place, text = second, (8 + 6 * (v % 5), 8 + 5 * (v % 7)), f"a {colour} square {PHRASES[second]}"
+                    sound, place = second, (8 + 6 * (v % 5), 8 + 5 * (v % 7))
+                    text = f"a {colour} square {PHRASES[second]}"
                 else:
-                    sound, place, text = SOUNDS[int(rng.integers(4))], CORNERS[second], f"a {colour} square at the {second}"
+                    sound, place = SOUNDS[int(rng.integers(4))], CORNERS[second]
+                    text = f"a {colour} square at the {second}"
                 write_clip(d / "videos" / f"{cid}.mp4", colour, sound, place, v)
                 v += 1
                 (val if k == 2 else train).append({"clip_id": cid, "text": text})

@@ -187,7 +187,9 @@ class BuildSummary:
             lines.append(f"| clips with audio (this run) | {self.audio.get('with_audio', 0)} |")
             for reason, n in sorted(self.audio.items()):
                 if reason != "with_audio" and n:
-                    lines.append(f"| {'audio kept, shorter than the span' if reason == 'audio_short' else 'written without audio: ' + reason} | {n} |")
+                    what = "audio kept, shorter than the span" if reason == "audio_short" else \
+                        f"written without audio: {reason}"
+                    lines.append(f"| {what} | {n} |")
         if self.shards_empty:
             lines.append(f"| empty shards (every clip skipped; the reader drops them) | {self.shards_empty} |")
         for f in self.failures:

@@ -32,7 +32,7 @@ def with_sound(text: str, sound: str) -> str:
 def tone(sound: str, t: np.ndarray) -> np.ndarray:
     """The tone pattern of `sound` at times t (seconds from the clip start), amplitude ≤ 0.4."""
     if sound == "hum":                              # 110 Hz with two harmonics, steady
-        return 0.25 * np.sin(2 * np.pi * 110 * t) + 0.1 * np.sin(2 * np.pi * 220 * t) + 0.05 * np.sin(2 * np.pi * 330 * t)
+        return sum(a * np.sin(2 * np.pi * f * t) for a, f in ((0.25, 110), (0.1, 220), (0.05, 330)))
     if sound == "beeps":                            # 1 kHz, 8 beeps a second
         return 0.35 * np.sin(2 * np.pi * 1000 * t) * ((t * 8) % 1 < 0.5)
     if sound == "whistle":                          # 600 → 2400 Hz sweep every second
