@@ -31,8 +31,12 @@ def _rename(m: dict, key: str) -> dict:
 
 
 @torch.no_grad()
-def evaluate_fusion(model, cfg: EvalConfig, tokenize, rt: Runtime, audio: DataConfig, name: str = "model") -> dict:
-    """{"model", "videos", "texts", "without_audio", "skipped", "metrics": {t2v_R@1 … t2a_… t2va_… }}."""
+def evaluate_fusion(model, cfg: EvalConfig, tokenize, rt: Runtime, audio: DataConfig, name: str = "model",
+                    progress: bool = False) -> dict:
+    """{"model", "videos", "texts", "without_audio", "skipped", "metrics": {t2v_R@1 … t2a_… t2va_… }}.
+    Clips are decoded in this process (eval.num_workers is not used here)."""
+    from tqdm import tqdm
+
     from shards.reader import normalise
     from vip.model.archs import image_size
     items = read_annotations(cfg.annotations, cfg.paragraph)
@@ -44,7 +48,8 @@ def evaluate_fusion(model, cfg: EvalConfig, tokenize, rt: Runtime, audio: DataCo
     mine, emb, failed, silent = [], {k: [] for k in TARGETS}, {}, 0
     idx = list(range(rt.rank, len(items), rt.world))
     try:
-        for s in range(0, len(idx), cfg.batch_size):
+        for s in tqdm(range(0, len(idx), cfg.batch_size), desc="clips (video + audio)", unit="batch",
+                      disable=not progress or not rt.is_main):
             vids, mels, masks, keys = [], [], [], []
             for i in idx[s:s + cfg.batch_size]:
                 path = files.get(items[i].clip_id)

@@ -96,7 +96,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True, audio: DataConfig | None = 
         if hasattr(model, "fusion_head"):
             from vip.eval.fusion import evaluate_fusion, format_fusion_table
             with torch.no_grad():
-                res = evaluate_fusion(model, cfg, tokenize, rt, audio or DataConfig(), name)
+                res = evaluate_fusion(model, cfg, tokenize, rt, audio or DataConfig(), name, progress)
             res["config"] = dataclasses.asdict(cfg)
             if rt.is_main:
                 print(format_fusion_table(res))
