@@ -4,7 +4,7 @@ Stored format (docs/data_format.md, "Audio"): the clip's span of the source's fi
 stream, downmixed to mono and resampled to `build.audio_rate` (16 kHz) by libswresample, encoded
 AAC-LC at `build.audio_bitrate` (48 kbit/s) in an MP4 (`<key>.m4a`). AAC in MP4 keeps sample
 alignment (the encoder delay is recorded in the edit list and removed on decode) and decodes at
-about 1 ms per clip-second on one core; 48 kbit/s is ~1/5 of the stored video's bitrate.
+~0.2 ms per second of audio on one core; 48 kbit/s is ~1/3 of the stored video's bitrate.
 
 A clip whose source has no usable audio is written without it and the reason is counted
 (`AudioMissing.reason`): no_audio_stream, audio_decode_error, audio_outside_span (the
