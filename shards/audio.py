@@ -228,15 +228,26 @@ def window_frames(cfg) -> int:
     return max(1, int(round(cfg.audio_seconds * cfg.audio_rate / cfg.audio_hop)))
 
 
+def empty_window(cfg) -> tuple[np.ndarray, np.ndarray]:
+    """The window of a clip without audio: zeros [n_mels, F], mask all False [F]."""
+    F = window_frames(cfg)
+    return np.zeros((cfg.audio_n_mels, F), np.float32), np.zeros(F, bool)
+
+
+def stored_window(m4a: bytes, meta: dict, cfg, rng) -> tuple[np.ndarray, np.ndarray]:
+    """A shard sample's m4a member → its log-mel window (the reader's audio stage; cfg a DataConfig)."""
+    wave = decode_audio(m4a, cfg.audio_rate, (meta.get("audio") or {}).get("num_samples"))
+    return mel_window(wave, cfg, cfg.train, rng)
+
+
 def clip_log_mel(data: bytes, cfg, train: bool, rng: np.random.Generator | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:
     """A clip file's soundtrack (any container) → (log-mel [n_mels, F], mask bool [F]) with the
     `data.audio_*` settings of cfg (a DataConfig); no usable audio → all padding (mask False)."""
-    frames = window_frames(cfg)
     try:
         wave = decode_audio(data, cfg.audio_rate)
     except Exception:  # noqa: BLE001 - no audio stream, undecodable audio: the clip stays, without audio
         wave = np.zeros(0, np.float32)
     if len(wave) == 0 or float(np.abs(wave).max()) < SILENT_PEAK:
-        return np.zeros((cfg.audio_n_mels, frames), np.float32), np.zeros(frames, bool)
+        return empty_window(cfg)
     return mel_window(wave, cfg, train, rng)

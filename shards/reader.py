@@ -49,13 +49,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 STATE_VERSION = 1
 # read-time events whose sample is still yielded (a short clip repeats frames): not a lost sample
-KEPT_EVENTS = frozenset({"short_clip_padded", "corrupt_audio"})
-
-
-def audio_frames(cfg: DataConfig) -> int:
-    """STFT frames of the log-mel window the reader delivers (data.audio_seconds at data.audio_hop)."""
-    from shards.audio import window_frames
-    return window_frames(cfg)
+KEPT_EVENTS = frozenset({"short_clip_padded", "corrupt_audio"})   # corrupt_audio: kept without its sound
 
 
 # --------------------------------------------------------------------------- shard set
@@ -292,17 +286,13 @@ class ClipStream(IterableDataset):
     def load_audio(self, shard: _OpenShard, key: str, meta: dict, rng, events: list):
         """log-mel [n_mels, F] + frame mask [F] of the clip's audio (all padding without audio: a
         clip whose audio member is missing or corrupt keeps its video, the event counted)."""
-        from shards.audio import decode_audio, mel_window
-        cfg = self.cfg
-        frames = audio_frames(cfg)
+        from shards.audio import empty_window, stored_window
         if meta.get("has_audio"):
             try:
-                wave = decode_audio(shard.reader.read(key, "m4a"), cfg.audio_rate,
-                                    (meta.get("audio") or {}).get("num_samples"))
-                return mel_window(wave, cfg, cfg.train, rng)
+                return stored_window(shard.reader.read(key, "m4a"), meta, self.cfg, rng)
             except Exception as e:  # KeyError, EOFError, av errors: the clip stays, without audio
                 events.append(("corrupt_audio", key, f"{type(e).__name__}: {e}"))
-        return np.zeros((cfg.audio_n_mels, frames), np.float32), np.zeros(frames, bool)
+        return empty_window(self.cfg)
 
     # -- batches
     def collate(self, samples: list[dict]) -> dict:

@@ -127,9 +127,11 @@ def _collect(loader, n):
 
 
 def test_reader_delivers_log_mel_with_exact_resume(audio_shards, small_data):
-    from shards.reader import StreamLoader, audio_frames
+    from shards.audio import window_frames
+    from shards.reader import StreamLoader
     cfg = small_data(audio_shards, audio=True, audio_seconds=1.5)
-    F = audio_frames(cfg)
+    F = window_frames(cfg)
+    assert F == 150
     full = _collect(StreamLoader(cfg), 5)
     b = full[0]
     assert b["audio"].shape == (3, 40, F) and b["audio"].dtype == torch.float32
