@@ -112,6 +112,7 @@ class Settings:
     workers: int = 2              # 2-worker DataLoader measurement (0: skip)
     build_workers: int = 2
     seed: int = 0
+    audio: bool = False           # sources with soundtracks; + the worker with audio (m4a decode + log-mel)
 
 
 def settings_from_args(args: argparse.Namespace, out: Path) -> Settings:
@@ -130,7 +131,7 @@ def settings_from_args(args: argparse.Namespace, out: Path) -> Settings:
                                          "batch_size", "image_size") if getattr(args, k) is not None}
     if "seconds" in kw:
         kw["naive_seconds"] = kw["seconds"]
-    return dataclasses.replace(s, shards=shards, **kw)
+    return dataclasses.replace(s, shards=shards, audio=args.audio, **kw)
 
 
 # --------------------------------------------------------------------------- data
@@ -144,7 +145,7 @@ def build_corpus(s: Settings, content: str) -> Path:
     root = s.out / f"synth-{content}"
     cfgs = [SynthConfig(out=str(root / f"part{i}"), num_videos=1, clips_per_video=s.clips_per_video,
                         clip_seconds=s.clip_seconds, gap_seconds=0.5, width=s.width, height=s.height,
-                        fps=s.src_fps, seed=s.seed + i, texture=content) for i in range(s.videos)]
+                        fps=s.src_fps, seed=s.seed + i, texture=content, audio=s.audio) for i in range(s.videos)]
     from shards import synth
     stamp = json.dumps({"corpus": [dataclasses.asdict(c) for c in cfgs],      # + the texture calibration
                         "texture": [synth.TEXTURE_SLOPE, synth.TEXTURE_CONTRAST, synth.TEXTURE_CHROMA,
@@ -203,6 +204,9 @@ def measure_format(s: Settings, shard_dir: Path) -> dict:
     if s.workers:
         log.info("  %d-worker DataLoader", s.workers)
         row["dataloader"] = measure_loader(s, shard_dir, s.workers)
+    if s.audio or any(c.meta.get("has_audio") for c in clips):   # the same worker, decoding the sound too
+        row["worker_audio"] = measure_worker(s, shard_dir, audio=True)
+        row["audio_cost_ratio"] = row["worker"]["per_core"] / row["worker_audio"]["per_core"]
     w = row["worker"]["per_core"]
     row["worker_over_floor"] = w / row["floor"]["per_core"]
     row["worker_over_loader"] = w / row["loader"]["per_core"]
@@ -280,7 +284,16 @@ def speed_table(res: dict) -> str:
             d = r.get("dataloader")
             cells.append(f"{d['per_core']:.1f} ({d['wall_clips_per_s']:.1f})" if d else "–")
         rows.append(cells)
-    return md_table(head, rows)
+    out = md_table(head, rows)
+    audio = [r for r in res["formats"] if "worker_audio" in r]
+    if audio:   # audio decode cost: the worker with data.audio=true (m4a → 16 kHz → log-mel) vs without
+        out += "\n\n" + md_table(
+            ["content", "format", "m4a KB/clip", "worker clips/s/core", "worker + audio clips/s/core",
+             "CPU per clip with audio / without"],
+            [[r["content"], r["label"], f"{r['storage'].get('m4a_bytes_per_clip', 0) / 1e3:.1f}",
+              f"{r['worker']['per_core']:.1f}", f"{r['worker_audio']['per_core']:.1f}",
+              f"{r['audio_cost_ratio']:.2f}"] for r in audio])
+    return out
 
 
 def breakdown(res: dict) -> str:
@@ -341,6 +354,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clip-seconds", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--audio", action="store_true",
+                   help="synthetic sources with soundtracks; also time the worker decoding audio (data.audio)")
     p.add_argument("-v", "--verbose", action="store_true", help="progress bars and library logs")
     return p.parse_args(argv)
 

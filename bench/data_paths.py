@@ -100,7 +100,7 @@ class StoredClip:
 def load_clips(shard_dir: Path) -> tuple[list[StoredClip], dict]:
     """Every stored clip's mp4 + json in memory, and the format's byte accounting."""
     from shards.tarindex import TarReader
-    clips, sizes = [], {"mp4": 0, "jpg": 0, "json": 0, "headers": 0}
+    clips, sizes = [], {"mp4": 0, "jpg": 0, "json": 0, "m4a": 0, "headers": 0}
     for tar in sorted(shard_dir.glob("shard-*.tar")):
         r = TarReader(str(tar))
         try:
@@ -115,11 +115,12 @@ def load_clips(shard_dir: Path) -> tuple[list[StoredClip], dict]:
     seconds = sum(c.meta["duration"] for c in clips)
     # per clip in a large shard (the end-of-archive padding of these tiny 2-clip shards is left out)
     per_clip = sum(sizes.values()) / n
-    fixed = per_clip - sizes["mp4"] / n                 # jpg + json + tar headers/padding
-    per_clip_13s = sizes["mp4"] / seconds * HDVILA_MEAN_SECONDS + fixed
+    timed_bytes = sizes["mp4"] + sizes["m4a"]           # grow with the clip's length
+    fixed = per_clip - timed_bytes / n                  # jpg + json + tar headers/padding
+    per_clip_13s = timed_bytes / seconds * HDVILA_MEAN_SECONDS + fixed
     acct = {"clips": n, "video_seconds": round(seconds, 2), "bytes_per_clip": per_clip,
             "mp4_bytes_per_clip": sizes["mp4"] / n, "jpg_bytes_per_clip": sizes["jpg"] / n,
-            "json_bytes_per_clip": sizes["json"] / n, "tar_overhead_per_clip": sizes["headers"] / n,
+            "json_bytes_per_clip": sizes["json"] / n, "m4a_bytes_per_clip": sizes["m4a"] / n, "tar_overhead_per_clip": sizes["headers"] / n,
             "mp4_kbit_per_s": sizes["mp4"] * 8 / seconds / 1e3,
             "bytes_per_13.4s_clip": per_clip_13s, "tb_per_100m_clips": per_clip_13s * 100e6 / 1e12,
             "width": clips[0].meta["width"], "height": clips[0].meta["height"],
@@ -272,17 +273,19 @@ def measure_decode_frames(s, clips: list[StoredClip]) -> dict:
     return {"timing": t.to_dict(), "per_core": t.per_core}
 
 
-def data_config(s, shard_dir: Path, workers: int):
+def data_config(s, shard_dir: Path, workers: int, audio: bool = False):
     from vip.config import DataConfig
     return DataConfig(shards=str(shard_dir), num_frames=s.num_frames, image_size=s.image_size,
                       batch_size=s.batch_size, num_workers=workers, train=True, seed=s.seed,
-                      shuffle_shards=4, decode_threads=1, prefetch_factor=2)
+                      shuffle_shards=4, decode_threads=1, prefetch_factor=2, audio=audio,
+                      audio_seconds=min(8.0, s.clip_seconds))
 
 
-def measure_worker(s, shard_dir: Path) -> dict:
-    """ClipStream batches (uint8 pixels) in this process: a data-loading worker's CPU per clip."""
+def measure_worker(s, shard_dir: Path, audio: bool = False) -> dict:
+    """ClipStream batches (uint8 pixels) in this process: a data-loading worker's CPU per clip
+    (audio: also the m4a member decoded to a log-mel window, data.audio=true)."""
     from shards.reader import StreamLoader
-    stream = iter(StreamLoader(data_config(s, shard_dir, 0)).dataset())
+    stream = iter(StreamLoader(data_config(s, shard_dir, 0, audio)).dataset())
     b = next(stream)                                                  # warm up: tar indexes, tokenizer
     shapes = {k: [list(v.shape), str(v.dtype)] for k, v in b.items() if hasattr(v, "shape")}
     events: dict = {}

@@ -24,6 +24,7 @@ from typing import Iterator
 import yaml
 
 from shards.atomic import atomic_path, write_json, write_text
+from shards.audio import AudioMissing, cut_audio
 from shards.encode import ClipError, StoredFormat, cut_clip, open_source
 from shards.keys import shard_name
 from shards.metadata import ClipRecord, SkipLog, chunk, iter_clips, load_subtitles
@@ -51,6 +52,7 @@ class ShardResult:
     seconds: float = 0.0
     skips: dict = field(default_factory=dict)       # SkipLog.to_dict()
     error: str | None = None                        # the whole shard failed
+    audio: dict = field(default_factory=dict)       # with_audio / audio_short / written without: reason → n
 
 
 def part_path(out: str | Path, index: int) -> Path:
@@ -69,14 +71,38 @@ def _sample_json(rec: ClipRecord, clip, fmt: StoredFormat) -> dict:
         "subtitle": rec.subtitle, "fps": clip.fps, "num_frames": clip.num_frames,
         "width": clip.width, "height": clip.height, "duration": round(clip.duration, 4),
         "truncated": clip.truncated, "codec": "h264", "keyframe_interval": fmt.keyframe_interval,
-        "aspect": fmt.aspect, "format": dataclasses.asdict(fmt),
+        "aspect": fmt.aspect, "format": dataclasses.asdict(fmt), "has_audio": False,
     }
+
+
+def _clip_audio(path: str, clip, fmt: StoredFormat, meta: dict, counts: collections.Counter):
+    """The clip's m4a bytes (or None: written without audio, the reason counted and in the json)."""
+    if not fmt.audio:
+        return None
+    try:
+        a = cut_audio(path, clip.span[0], clip.span[1], fmt.audio_rate, fmt.audio_bitrate)
+    except AudioMissing as e:
+        counts[e.reason] += 1
+        meta["audio_missing"] = e.reason
+        return None
+    except Exception as e:  # a codec surprise costs the audio, never the clip
+        counts["audio_decode_error"] += 1
+        meta["audio_missing"] = "audio_decode_error"
+        log.info("audio of %s: %s: %s", meta["clip_id"], type(e).__name__, e)
+        return None
+    counts["with_audio"] += 1
+    counts["audio_short"] += int(a.short)
+    meta["has_audio"] = True
+    meta["audio"] = {"codec": "aac", "container": "mp4", "rate": a.rate, "channels": 1,
+                     "num_samples": a.num_samples, "seconds": round(a.num_samples / a.rate, 4), "short": a.short}
+    return a.m4a
 
 
 def build_one_shard(task: ShardTask) -> ShardResult:
     """Cut, encode and write every clip of one shard; bad clips are skipped and counted."""
     t0 = time.perf_counter()
     skips = SkipLog()
+    audio_counts: collections.Counter = collections.Counter()
     rows = []
     res = ShardResult(index=task.index)
     try:
@@ -86,8 +112,9 @@ def build_one_shard(task: ShardTask) -> ShardResult:
         out = Path(task.out)
         with ShardWriter(out / shard_name(task.index)) as writer:
             for vid, recs in by_video.items():
+                path = os.path.join(task.videos, f"{vid}.mp4")
                 try:
-                    src = open_source(os.path.join(task.videos, f"{vid}.mp4"))
+                    src = open_source(path)
                 except ClipError as e:
                     for r in recs:
                         skips.add(e.reason, r.clip_id, e.detail)
@@ -105,17 +132,21 @@ def build_one_shard(task: ShardTask) -> ShardResult:
                         if clip.truncated:
                             log.info("clip %s: span runs past the video end; kept %.2fs", rec.clip_id, clip.duration)
                         meta = _sample_json(rec, clip, task.fmt)
-                        writer.add(rec.key, {"mp4": clip.mp4, "jpg": clip.jpg, "json": meta})
+                        m4a = _clip_audio(path, clip, task.fmt, meta, audio_counts)
+                        writer.add(rec.key, {"mp4": clip.mp4, "jpg": clip.jpg, "json": meta,
+                                             **({"m4a": m4a} if m4a else {})})
                         rows.append({"shard": shard_name(task.index), "key": rec.key, "clip_id": rec.clip_id,
                                      "video_id": rec.video_id, "duration": meta["duration"],
-                                     "num_frames": clip.num_frames, "bytes": len(clip.mp4) + len(clip.jpg),
-                                     "truncated": clip.truncated})
+                                     "num_frames": clip.num_frames,
+                                     "bytes": len(clip.mp4) + len(clip.jpg) + len(m4a or b""),
+                                     "truncated": clip.truncated, "has_audio": m4a is not None})
                 finally:
                     src.close()
             res.written, res.bytes = writer.count, writer.bytes
             res.skips = skips.to_dict()
+            res.audio = dict(audio_counts)
             # the part record lands before the tar is renamed into place: tar present ⇒ part present
-            write_json(part_path(out, task.index), {"rows": rows, "skips": res.skips})
+            write_json(part_path(out, task.index), {"rows": rows, "skips": res.skips, "audio": res.audio})
     except Exception as e:
         log.error("shard %d failed: %s: %s", task.index, type(e).__name__, e)
         res.error = f"{type(e).__name__}: {e}"
@@ -136,6 +167,7 @@ class BuildSummary:
     seconds: float = 0.0
     skips: SkipLog = field(default_factory=SkipLog)
     failures: list = field(default_factory=list)
+    audio: collections.Counter = field(default_factory=collections.Counter)   # ShardResult.audio, summed
 
     @property
     def clips_per_s(self) -> float:
@@ -151,6 +183,13 @@ class BuildSummary:
                  f"| clips skipped | {self.skips.total} |"]
         for reason, n in sorted(self.skips.counts.items()):
             lines.append(f"| skipped: {reason} | {n} |")
+        if self.audio:
+            lines.append(f"| clips with audio (this run) | {self.audio.get('with_audio', 0)} |")
+            for reason, n in sorted(self.audio.items()):
+                if reason != "with_audio" and n:
+                    what = "audio kept, shorter than the span" if reason == "audio_short" else \
+                        f"written without audio: {reason}"
+                    lines.append(f"| {what} | {n} |")
         if self.shards_empty:
             lines.append(f"| empty shards (every clip skipped; the reader drops them) | {self.shards_empty} |")
         for f in self.failures:
@@ -276,6 +315,7 @@ def _account(summary: BuildSummary, result: ShardResult) -> None:
     summary.clips_written += result.written
     summary.bytes_written += result.bytes
     summary.skips.merge(_skiplog(result.skips))
+    summary.audio.update(result.audio)
 
 
 def _skiplog(skips: dict) -> SkipLog:
@@ -304,12 +344,12 @@ def _merge_parts(out: str | Path) -> tuple[dict, dict]:
         if not part.exists():
             continue
         data = json.loads(part.read_text())
-        rows.extend(data["rows"])
+        rows.extend({"has_audio": False, **r} for r in data["rows"])   # parts from before audio: none
         skips[index] = data.get("skips", {})
         shards.append({"name": tar.name, "num_samples": len(data["rows"]), "bytes": tar.stat().st_size})
     schema = pa.schema([("shard", pa.string()), ("key", pa.string()), ("clip_id", pa.string()),
                         ("video_id", pa.string()), ("duration", pa.float64()), ("num_frames", pa.int32()),
-                        ("bytes", pa.int64()), ("truncated", pa.bool_())])
+                        ("bytes", pa.int64()), ("truncated", pa.bool_()), ("has_audio", pa.bool_())])
     table = pa.Table.from_pylist(rows, schema=schema)
     with atomic_path(out / "manifest.parquet") as tmp:
         pq.write_table(table, tmp)

@@ -30,6 +30,8 @@ class SynthConfig:
     preset: X264Preset = "ultrafast"      # x264 speed preset of the source videos
     texture: Literal["flat", "natural"] = "flat"          # flat: plain background | natural: panning 1/f-noise background with
     #                                grain (decodes and compresses like camera footage; benchmarks)
+    audio: bool = False            # soundtracks: a tone pattern per clip named in its subtitle, plus noise
+    #                                (AAC stereo 44.1 kHz; shards/synth_audio.py); off: silent videos as before
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,11 @@ class ShardBuildConfig:
     workers: int = 2               # local processes (ignored with ray_address)
     ray_address: Optional[str] = None  # "auto", "ray://…" or "local" to use Ray
     limit_shards: Optional[int] = None  # build only the first N shards (tests, smoke runs)
+    # audio (shards/audio.py, docs/data_format.md "Audio"): each clip's span of the source soundtrack,
+    # mono at audio_rate, AAC-LC in MP4 (<key>.m4a); clips whose source has none are written without
+    audio: bool = True
+    audio_rate: int = 16000        # Hz, mono
+    audio_bitrate: int = 48000     # bit/s
 
 
 @dataclass(frozen=True)
@@ -76,4 +83,14 @@ class DataConfig:
     seed: int = 0
     train: bool = True             # random frame jitter + shuffling; False: evenly spaced, in order
     decode_threads: int = 1        # codec threads per worker
+    # audio (Everything at Once; shards/audio.py): decode <key>.m4a to a log-mel spectrogram of
+    # audio_seconds (a random window in training, centred in evaluation; shorter audio padded and
+    # masked; clips without audio: all padding, has_audio False). Window/hop/FFT in samples.
+    audio: bool = False
+    audio_rate: int = 16000
+    audio_seconds: float = 8.0     # the original's 8 s clips (768 STFT frames → 12 tokens)
+    audio_n_fft: int = 512
+    audio_window: int = 400        # 25 ms at 16 kHz
+    audio_hop: int = 160           # 10 ms at 16 kHz: 100 frames a second
+    audio_n_mels: int = 40
     prefetch_factor: int = 2

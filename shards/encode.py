@@ -41,6 +41,9 @@ class StoredFormat:
     max_clip_seconds: float = 60.0
     fast_decode: bool = True
     aspect: str = "square"           # square | keep (see ShardBuildConfig.aspect)
+    audio: bool = True               # keep the clip's audio (shards/audio.py)
+    audio_rate: int = 16000
+    audio_bitrate: int = 48000
 
     def __post_init__(self):
         if self.aspect not in ("keep", "square"):
@@ -58,7 +61,8 @@ class StoredFormat:
         return cls(fps=cfg.fps, short_side=cfg.short_side, keyframe_interval=cfg.keyframe_interval,
                    crf=cfg.crf, preset=cfg.preset, jpeg_quality=cfg.jpeg_quality,
                    frame_short_side=cfg.frame_short_side, max_clip_seconds=cfg.max_clip_seconds,
-                   fast_decode=cfg.fast_decode, aspect=cfg.aspect)
+                   fast_decode=cfg.fast_decode, aspect=cfg.aspect, audio=cfg.audio, audio_rate=cfg.audio_rate,
+                   audio_bitrate=cfg.audio_bitrate)
 
 
 @dataclass

@@ -4,6 +4,7 @@ The chain of small picklable stages, per DataLoader worker:
 
     plan (shards.plan)  →  fetch (tar offset index: json, mp4, jpg)  →  join caption sidecar
     →  sample frame indices  →  decode only those frames (resize in the same pass)
+    →  data.audio: decode the m4a member to a log-mel window (shards/audio.py)
     →  tokenize  →  collate (uint8 pixels, channels-last, stacked into shared memory)
 
 and one stage in the consuming process, on the device the model runs on:
@@ -14,7 +15,7 @@ Workers hand over uint8 pixels: 4× fewer bytes through shared memory, pinning a
 host→device copy than float32, and the per-pixel arithmetic (about 40% of a worker's CPU
 time when it ran there; docs/benchmarks.md) runs on the GPU instead of data-loading cores.
 
-Only mp4/jpg/json/txt members are ever read, and nothing is unpickled. Each
+Only mp4/jpg/json/txt/m4a members are ever read, and nothing is unpickled. Each
 batch carries the stream position after it; `StreamLoader.state_dict()` is the
 position after the last batch handed to the caller, and `load_state_dict`
 continues from there with no sample repeated or skipped, for any number of
@@ -48,7 +49,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 STATE_VERSION = 1
 # read-time events whose sample is still yielded (a short clip repeats frames): not a lost sample
-KEPT_EVENTS = frozenset({"short_clip_padded"})
+KEPT_EVENTS = frozenset({"short_clip_padded", "corrupt_audio"})   # corrupt_audio: kept without its sound
 
 
 # --------------------------------------------------------------------------- shard set
@@ -276,8 +277,22 @@ class ClipStream(IterableDataset):
         subtitle = meta.get("subtitle")
         if not isinstance(subtitle, str) or not subtitle.strip():
             raise SampleError("missing_subtitle", key)
-        return {"key": key, "frames": frames, "frame": frame, "subtitle": subtitle,
-                "caption": shard.captions.get(key)}
+        sample = {"key": key, "frames": frames, "frame": frame, "subtitle": subtitle,
+                  "caption": shard.captions.get(key)}
+        if cfg.audio:   # after the frame draws: the video sampling is the same with or without audio
+            sample["audio"], sample["audio_mask"] = self.load_audio(shard, key, meta, rng, events)
+        return sample
+
+    def load_audio(self, shard: _OpenShard, key: str, meta: dict, rng, events: list):
+        """log-mel [n_mels, F] + frame mask [F] of the clip's audio (all padding without audio: a
+        clip whose audio member is missing or corrupt keeps its video, the event counted)."""
+        from shards.audio import empty_window, stored_window
+        if meta.get("has_audio"):
+            try:
+                return stored_window(shard.reader.read(key, "m4a"), meta, self.cfg, rng)
+            except Exception as e:  # KeyError, EOFError, av errors: the clip stays, without audio
+                events.append(("corrupt_audio", key, f"{type(e).__name__}: {e}"))
+        return empty_window(self.cfg)
 
     # -- batches
     def collate(self, samples: list[dict]) -> dict:
@@ -292,6 +307,10 @@ class ClipStream(IterableDataset):
             "caption": cap_tokens,                                          # [B, L]
             "has_caption": has_caption,                                     # [B]
             "key": [s["key"] for s in samples],
+            **({"audio": torch.from_numpy(np.stack([s["audio"] for s in samples])),        # [B, n_mels, F]
+                "audio_mask": torch.from_numpy(np.stack([s["audio_mask"] for s in samples])),  # [B, F]
+                "has_audio": torch.tensor([bool(s["audio_mask"].any()) for s in samples])}  # [B]
+               if self.cfg.audio else {}),
         }
 
     def __iter__(self):

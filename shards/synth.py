@@ -84,6 +84,7 @@ class ClipPlan:
     background: tuple
     template: int
     texture: int = -1              # -1: flat background; else the seed of a natural-texture background
+    sound: str = ""                # synth.audio: the clip's sound (shards/synth_audio.py); "" = none
 
 
 def truth_plan(truth: dict) -> ClipPlan:
@@ -91,7 +92,7 @@ def truth_plan(truth: dict) -> ClipPlan:
     return ClipPlan(clip_id=truth["clip_id"], start=truth["span_s"][0], end=truth["span_s"][1],
                     colour=truth["colour"], shape=truth["shape"], direction=truth["direction"],
                     background=tuple(truth["background"]), template=truth["template"],
-                    texture=int(truth.get("texture", -1)))
+                    texture=int(truth.get("texture", -1)), sound=truth.get("sound", ""))
 
 
 def plan_video(rng: np.random.Generator, video_id: str, cfg: SynthConfig) -> list[ClipPlan]:
@@ -197,6 +198,9 @@ def write_video(path: Path, clips: list[ClipPlan], duration: float, cfg: SynthCo
         stream = container.add_stream("libx264", rate=cfg.fps)
         stream.width, stream.height, stream.pix_fmt = cfg.width, cfg.height, "yuv420p"
         stream.options = {"crf": str(cfg.crf), "preset": cfg.preset}
+        if cfg.audio:   # a soundtrack (AAC stereo 44.1 kHz, shards/synth_audio.py), written after the video
+            from shards.synth_audio import add_audio_stream
+            audio = add_audio_stream(container)
         ci = 0
         for i in range(n_frames):
             t = i / cfg.fps
@@ -208,6 +212,10 @@ def write_video(path: Path, clips: list[ClipPlan], duration: float, cfg: SynthCo
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+        if cfg.audio:
+            import zlib
+            from shards.synth_audio import soundtrack, write_audio
+            write_audio(container, audio, soundtrack(clips, duration, zlib.crc32(f"{cfg.seed}/{path.stem}".encode())))
     return n_frames
 
 
@@ -223,17 +231,24 @@ def make_corpus(cfg: SynthConfig) -> dict:
     for v in tqdm(range(cfg.num_videos), desc="synth videos", unit="video", leave=False):
         video_id = "".join(rng.choice(_ID_ALPHABET, size=11))
         clips = plan_video(rng, video_id, cfg)
+        if cfg.audio:   # sounds from their own generator: the video plan is the same with or without audio
+            from shards.synth_audio import plan_sounds
+            clips = [dataclasses.replace(c, sound=s) for c, s in zip(clips, plan_sounds(cfg.seed, v, len(clips)))]
         duration = clips[-1].end + cfg.gap_seconds
         frames += write_video(out / "videos" / f"{video_id}.mp4", clips, duration, cfg)
         meta_lines.append({"video_id": video_id, "url": f"https://www.youtube.com/watch?v={video_id}",
                            "clip": [{"clip_id": c.clip_id, "span": [format_timestamp(c.start),
                                                                      format_timestamp(c.end)]} for c in clips]})
         for c in clips:
-            sub_lines.append({"clip_id": c.clip_id, "text": describe(c.colour, c.shape, c.direction, c.template)})
+            text = describe(c.colour, c.shape, c.direction, c.template)
+            if c.sound:   # the subtitle names the sound the frames do not show
+                from shards.synth_audio import with_sound
+                text = with_sound(text, c.sound)
+            sub_lines.append({"clip_id": c.clip_id, "text": text})
             truth_lines.append({"clip_id": c.clip_id, "colour": c.colour, "shape": c.shape,
                                 "direction": c.direction, "span_s": [c.start, c.end],
                                 "background": list(c.background), "template": c.template,
-                                "texture": c.texture,
+                                "texture": c.texture, **({"sound": c.sound} if c.sound else {}),
                                 "caption": describe(c.colour, c.shape, c.direction, 0)})
     for name, lines in (("metadata.jsonl", meta_lines), ("subtitles.jsonl", sub_lines), ("truth.jsonl", truth_lines)):
         write_text(out / name, "".join(json.dumps(x) + "\n" for x in lines))

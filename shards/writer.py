@@ -12,7 +12,7 @@ from pathlib import Path
 from shards.atomic import atomic_path
 from shards.keys import is_safe_key
 
-ALLOWED_EXTS = ("mp4", "jpg", "json", "txt")
+ALLOWED_EXTS = ("mp4", "jpg", "json", "txt", "m4a")
 
 
 class ShardWriter:

@@ -88,3 +88,16 @@ def test_bench_scaling_from_the_quick_runs(data_quick, train_quick, tmp_path):
     assert rate["clips_per_s"] == pytest.approx(798e12 * 0.35 / (flops * 1e9))   # the labelled estimate
     for c, f in zip(plan["cores"], res["formats"]):
         assert c["cores_per_gpu"] == pytest.approx(rate["clips_per_s"] / f["worker"]["per_core"])
+
+
+@pytest.mark.slow
+def test_bench_fusion_quick(tmp_path):
+    """bench/fusion.py: one 1-epoch fine-tuning per task (the e2e tests cover learning), the cost tables."""
+    out = tmp_path / "fusion.json"
+    p = _bench("fusion.py", "--quick", "--epochs", "1", "--json", str(out), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert [(r["task"], r["weights"]) for r in res["retrieval"]] == [("audio", "equal"), ("visual", "equal")]
+    assert all(0 <= r[k] <= 100 for r in res["retrieval"] for k in ("t2v", "t2a", "t2va"))
+    assert res["cost"][0]["arch"] == "vip-tiny" and res["reader"]["with"] > 0 and res["reader"]["without"] > 0
+    assert "t→va R@1" in p.stdout and "(audio + head) / video" in p.stdout and "with audio (m4a decode" in p.stdout

@@ -27,10 +27,20 @@ def same_path(a: str, b: str) -> bool:
 
 def validate_config(cfg: "Config") -> None:
     """Raise ConfigError (naming the fields and a way out) when sections of `cfg` contradict
-    each other. The `finetune` section has no cross-field check."""
+    each other."""
     from vip.config import ConfigError
 
     data, build = cfg.data, cfg.build
+    fusion = cfg.model.fusion
+    if fusion is not None and fusion.audio_n_mels != data.audio_n_mels:
+        raise ConfigError(f"model.fusion.audio_n_mels={fusion.audio_n_mels} but data.audio_n_mels="
+                          f"{data.audio_n_mels}: the audio tower reads the reader's mel bands; set both alike")
+    if fusion is not None and len(cfg.loss.fusion_weights) != 6:
+        raise ConfigError(f"loss.fusion_weights needs 6 weights (t_v, t_a, v_a, t_va, v_ta, a_tv), got "
+                          f"{len(cfg.loss.fusion_weights)}")
+    if cfg.finetune.method == "eao" and cfg.finetune.head != "none":
+        raise ConfigError(f"finetune.method=eao trains the fusion head; finetune.head={cfg.finetune.head} is a "
+                          f"retrieval head of the CLIP-ViP method: set one of them only")
     if data.resize == "crop" and build.aspect == "square" and same_path(data.shards, build.out):
         raise ConfigError(
             f"data.resize=crop cannot read the shards this config builds (data.shards = build.out = "

@@ -99,7 +99,7 @@ def cmd_demo(cfg, args) -> int:
 
 def cmd_eval(cfg, args) -> int:
     from vip.eval.retrieval import run_eval
-    run_eval(cfg.eval)
+    run_eval(cfg.eval, audio=cfg.data)   # data.audio_*: soundtracks of a fusion model (docs/fusion.md)
     return 0
 
 

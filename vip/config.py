@@ -23,13 +23,37 @@ from shards.atomic import write_text
 from shards.config import DataConfig, ShardBuildConfig, SynthConfig
 
 __all__ = ["Config", "ConfigError", "load_config", "save_config", "config_from_file", "to_dict", "SynthConfig",
-           "ShardBuildConfig", "DataConfig", "ModelConfig", "LossConfig", "OptimConfig", "TrainConfig",
+           "ShardBuildConfig", "DataConfig", "ModelConfig", "FusionConfig", "LossConfig", "OptimConfig", "TrainConfig",
            "CaptionConfig", "EvalConfig", "FinetuneConfig", "DebugConfig"]
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
 
 # --------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class FusionConfig:
+    """Everything-at-Once fusion on top of CLIP-ViP (vip/model/eao.py, docs/fusion.md). The defaults
+    are the original's `everything_at_once_tva` setting: token space 4096, one block of 64 heads with
+    MLP ratio 1, no CLS token, no positional embedding, gated token and final projections into a
+    6144-d joint space."""
+
+    dim: int = 4096                # common token space (fusion transformer width)
+    depth: int = 1                 # fusion transformer blocks
+    num_heads: int = 64
+    mlp_ratio: float = 1.0
+    projection_dim: int = 6144     # joint embedding space
+    token_projection: Literal["gated", "minimal"] = "gated"   # backbone tokens → token space
+    final_projection: Literal["gated", "minimal"] = "gated"   # per-modality fused tokens → joint space
+    # audio tower (vip/model/audio.py): log-mel time patches → transformer
+    audio_n_mels: int = 40         # must equal data.audio_n_mels
+    audio_width: int = 256
+    audio_layers: int = 4
+    audio_heads: int = 4
+    audio_patch_frames: int = 16   # STFT frames per audio token (16 × 10 ms hop = 0.16 s)
+    audio_max_tokens: int = 128    # rows of the audio position table (interpolated to other lengths)
+    audio_pretrained: Optional[str] = None   # local weights file of the audio tower (else random init)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """CLIP-ViP model (vip/model): open_clip arch + video encoder (docs/architecture.md, "Model")."""
@@ -49,11 +73,16 @@ class ModelConfig:
     seq_layers: int = 4            # seqtransf: temporal transformer layers
     init_logit_scale: float = 4.60  # log of the initial logit scale (kept in [0, ln 200] after each step)
     dropout: float = 0.0           # dropout on the final video and text features (training only; 0 = off)
+    fusion: Optional[FusionConfig] = None   # set: Everything-at-Once fusion model (audio tower + fusion head)
 
 
 @dataclass(frozen=True)
 class LossConfig:
     variant: Literal["vs", "a", "b", "c", "d"] = "d"   # OCL variant (docs/model.md, "Losses")
+    # Everything-at-Once combinatorial loss (finetune.method=eao; docs/fusion.md): weights of the
+    # terms t_v, t_a, v_a, t_va, v_ta, a_tv (total divided by their sum) and the NCE temperature
+    fusion_weights: tuple[float, ...] = (1.0, 0.1, 0.1, 0.1, 0.1, 0.1)
+    fusion_temperature: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -181,6 +210,9 @@ class FinetuneConfig:
     cdcr_lambda: float = 0.001     # DRL: weight of the channel decorrelation term (0: off)
     cdcr_alpha1: Optional[float] = None  # DRL: on-diagonal weight; default by backbone (0.11 patch 16, else 0.14)
     cdcr_alpha2: float = 0.0       # DRL: off-diagonal weight
+    method: Literal["clipvip", "eao"] = "clipvip"   # eao: Everything-at-Once fusion of text, video and the
+    #                                clips' audio (model.fusion, loss.fusion_*, data.audio_*; docs/fusion.md);
+    #                                the best epoch is chosen on validation t→(video+audio) R@1
 
 
 @dataclass(frozen=True)

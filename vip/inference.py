@@ -8,6 +8,12 @@
     # an export fine-tuned with a retrieval head (vip finetune finetune.head=xclip|drl|…) scores with it:
     # m.head is the head; similarity(...) uses it (head=False: the pooled cosine instead)
 
+An Everything-at-Once export (model.fusion set; docs/fusion.md) also embeds sound, in its joint space:
+
+    a = m.encode_audio(["a.mp4"])                     # [1, P] the files' soundtracks
+    va = m.encode_fused(["a.mp4"])                    # [1, P] video + its own soundtrack, fused
+    e = m.fused(videos=["a.mp4"], texts=["a dog barks"])   # {"t", "v", "a", "tv", "va", "ta"}: [B, P]
+
 Files that cannot be used raise an error naming the path: FileNotFoundError (missing),
 ValueError for an empty path, `vip.eval.videos.VideoError` (a ValueError) with reason
 `no_video_stream` (audio only) or `decode_error`. An empty list of videos (or texts) gives an
@@ -128,6 +134,50 @@ class VideoTextModel:
         return torch.cat([self.model.encode_text(self.tokenize(texts[i:i + batch_size]).to(self.device)).float()
                           for i in range(0, len(texts), batch_size)])
 
+    # ------------------------------------------------------------------ Everything at Once
+    def audio_tensor(self, audios) -> tuple[torch.Tensor, torch.Tensor]:
+        """Files (their soundtracks) → (log-mel [B, n_mels, F], mask [B, F]) with `self.audio_cfg`
+        (data.audio_* settings; default DataConfig's); a (mel, mask) pair passes through."""
+        from shards.audio import clip_log_mel
+        if isinstance(audios, tuple) and len(audios) == 2 and isinstance(audios[0], torch.Tensor):
+            return audios
+        audios = [audios] if isinstance(audios, (str, os.PathLike)) else list(audios)
+        cfg = self.__dict__.get("audio_cfg")
+        if cfg is None:
+            from shards.config import DataConfig
+            cfg = DataConfig()
+        mels = [clip_log_mel(Path(a).read_bytes(), cfg, False) for a in audios]
+        return (torch.from_numpy(np.stack([m for m, _ in mels])), torch.from_numpy(np.stack([k for _, k in mels])))
+
+    @torch.no_grad()
+    def fused(self, videos=None, texts=None, audios=None, num_frames: int | None = None) -> dict[str, torch.Tensor]:
+        """Everything-at-Once embeddings [B, P] (float32) of the inputs given: t, v, a and the fused
+        pairs tv, va, ta. audios default to the videos' own soundtracks when videos are files."""
+        if not hasattr(self.model, "fusion_head"):
+            raise TypeError("this model has no fusion head (export a model trained with finetune.method=eao)")
+        dtype = next(self.model.parameters()).dtype
+        kw = {}
+        if videos is not None:
+            kw["video"] = self.video_tensor(videos, num_frames).to(self.device, dtype)
+            if audios is None and not isinstance(videos, torch.Tensor):
+                audios = videos
+        if audios is not None:
+            mel, mask = self.audio_tensor(audios)
+            kw["audio"], kw["audio_mask"] = mel.to(self.device, dtype), mask.to(self.device)
+        if texts is not None:
+            texts = [texts] if isinstance(texts, str) else texts
+            kw["text"] = (texts if isinstance(texts, torch.Tensor) else self.tokenize(list(texts))).to(self.device)
+        out = self.model.fuse(**kw)
+        return {k: v.float() for k, v in out.items() if not k.startswith("present_")}
+
+    def encode_audio(self, audios) -> torch.Tensor:
+        """Soundtracks (files, or a (mel, mask) pair) → L2-normalised [B, P] in the joint space."""
+        return self.fused(audios=audios)["a"]
+
+    def encode_fused(self, videos, audios=None, num_frames: int | None = None) -> torch.Tensor:
+        """Videos + soundtracks (default: the videos' own) fused → L2-normalised [B, P] (va)."""
+        return self.fused(videos=videos, audios=audios, num_frames=num_frames)["va"]
+
     @property
     def head(self):
         """The model's retrieval head (vip.model.heads), or None."""
@@ -173,10 +223,13 @@ class VideoTextModel:
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", num_frames: int | None = None,
-         resize: str = "squash") -> VideoTextModel:
-    """An exported vip model folder → VideoTextModel (eval mode)."""
+         resize: str = "squash", audio=None) -> VideoTextModel:
+    """An exported vip model folder → VideoTextModel (eval mode). audio: a DataConfig whose
+    data.audio_* settings turn soundtracks into log-mels (fusion models; default DataConfig's)."""
     from vip.model.convert import load as load_model, read_model_config
-    return VideoTextModel(load_model(path, device=device), read_model_config(path), num_frames, resize)
+    m = VideoTextModel(load_model(path, device=device), read_model_config(path), num_frames, resize)
+    m.audio_cfg = audio
+    return m
 
 
 # module-level function forms

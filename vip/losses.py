@@ -113,3 +113,54 @@ def ocl_loss(variant: str, *, video: Tensor, subtitle: Tensor, logit_scale: Tens
             out[t] = video_subtitle_caption_loss(video, subtitle, caption, keep, scale)
     total = sum(out.values())
     return total, {k: v.detach() for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------- Everything at Once
+# Combinatorial loss of Everything at Once (Shvetsova et al., CVPR 2022; docs/fusion.md). The
+# original (ninatu/everything_at_once, loss/combinatorial_loss.py) scores every pair among the six
+# embeddings below with NormSoftmax NCE and divides the weighted sum by the sum of the weights.
+EAO_TERMS = ("t_v", "t_a", "v_a", "t_va", "v_ta", "a_tv")       # (x, y) of each term: split on "_"
+EAO_WEIGHTS = (1.0, 0.1, 0.1, 0.1, 0.1, 0.1)                     # everything_at_once_tva.yaml
+
+
+def norm_softmax_nce(x: Tensor, y: Tensor, temperature: float = 0.05) -> Tensor:
+    """Symmetric NormSoftmax NCE between rows of x and y ([n, D], any norm: cosine is used).
+
+    = −mean_i log softmax_j(cos(x_i, y_j)/τ)[i] − mean_j log softmax_i(cos(x_i, y_j)/τ)[j]
+    (the two directions summed, as the original's NormSoftmaxLoss). 0 when n = 0."""
+    if x.shape[0] == 0:
+        return x.new_zeros((), dtype=torch.float32)
+    x = x.float() / x.float().norm(dim=-1, keepdim=True).clamp_min(1e-8)    # the original's eps
+    y = y.float() / y.float().norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    logits = x @ y.T / temperature                                          # [n, n]
+    return ce_diag(logits) + ce_diag(logits.T)
+
+
+def combinatorial_loss(emb: dict[str, Tensor], present: dict[str, Tensor], *,
+                       weights: tuple[float, ...] = EAO_WEIGHTS, temperature: float = 0.05,
+                       ) -> tuple[Tensor, dict[str, Tensor]]:
+    """L = Σ_k λ_k·NCE_k / Σ_k λ_k over k ∈ EAO_TERMS (weights in that order).
+
+    emb: {"t", "v", "a", "tv", "va", "ta"} → [B, D] gathered embeddings; present: {"t", "v", "a"}
+    → bool [B], the clips that have that modality. Term x_y runs on the clips that have every
+    modality x and y use (their rows and columns only: an absent modality is never a negative);
+    a term whose embeddings are missing from `emb` or whose weight is 0 is left out of both sums,
+    as in the original. A term with no clip left contributes 0 (its weight stays in the sum).
+    Returns (total, {term: detached value})."""
+    if len(weights) != len(EAO_TERMS):
+        raise ValueError(f"need {len(EAO_TERMS)} weights ({', '.join(EAO_TERMS)}), got {len(weights)}")
+    total, wsum, terms = None, 0.0, {}
+    for name, w in zip(EAO_TERMS, weights):
+        x, y = name.split("_")
+        if w == 0 or x not in emb or y not in emb:
+            continue
+        keep = torch.ones(emb[x].shape[0], dtype=torch.bool, device=emb[x].device)
+        for m in x + y:                                                     # modalities the term needs
+            keep = keep & present[m].to(keep.device).bool()
+        loss = norm_softmax_nce(emb[x][keep], emb[y][keep], temperature)
+        terms[name] = loss.detach()
+        total = w * loss if total is None else total + w * loss
+        wsum += w
+    if total is None:
+        raise ValueError("combinatorial_loss: no term has both embeddings and a non-zero weight")
+    return total / wsum, terms

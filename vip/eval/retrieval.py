@@ -126,9 +126,10 @@ def check_eval_config(cfg: EvalConfig) -> None:
     require_model(cfg, "eval")
 
 
-def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
+def run_eval(cfg: EvalConfig, progress: bool = True, audio: DataConfig | None = None) -> dict:
     """`vip eval`: load, evaluate (every rank of a torchrun its share), print the table and
-    write cfg.out (JSON) on rank 0."""
+    write cfg.out (JSON) on rank 0. An Everything-at-Once model is evaluated text → video, audio
+    and video+audio (vip.eval.fusion; soundtracks with audio's data.audio_* settings)."""
     check_eval_config(cfg)
     with command_runtime(cfg.device, cfg.precision) as rt:
         model, mcfg, name = load_eval_model(cfg, rt)
@@ -136,6 +137,15 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         # with a head, texts are tokenised at the length it was trained with (X-CLIP's L×L weights need it)
         length = (head.spec.get("context_length") if head is not None else None) or model.context_length
         tokenize = tokenizer_for(cfg.tokenizer or mcfg.arch, length)
+        if hasattr(model, "fusion_head"):
+            from vip.eval.fusion import evaluate_fusion, format_fusion_table
+            with torch.no_grad():
+                res = evaluate_fusion(model, cfg, tokenize, rt, audio or DataConfig(), name, progress)
+            res["config"] = dataclasses.asdict(cfg)
+            if rt.is_main:
+                print(format_fusion_table(res))
+                write_json(cfg.out, res, indent=2)
+            return res
         with torch.no_grad():
             res = evaluate(model, cfg, tokenize, rt, name, progress)
         res["config"] = dataclasses.asdict(cfg)

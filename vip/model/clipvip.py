@@ -185,10 +185,17 @@ class CLIPViP(nn.Module):
 
 def build_model(cfg: ModelConfig) -> CLIPViP:
     """CLIPViP from a ModelConfig: open_clip arch (+ pretrained weights: a local file, or a tag
-    where the network is reachable) wrapped with the selected video encoder."""
+    where the network is reachable) wrapped with the selected video encoder; an `EAOModel` when
+    cfg.fusion is set."""
     from vip.model.archs import build_clip
     clip = build_clip(cfg.arch, cfg.pretrained, quick_gelu=cfg.quick_gelu)
-    model = CLIPViP(clip, cfg)
+    if cfg.fusion is not None:   # Everything at Once: + audio tower + fusion head (docs/fusion.md)
+        from vip.model.eao import EAOModel
+        return _grad_ckpt(EAOModel(clip, cfg), cfg)
+    return _grad_ckpt(CLIPViP(clip, cfg), cfg)
+
+
+def _grad_ckpt(model: CLIPViP, cfg: ModelConfig) -> CLIPViP:
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model

@@ -265,8 +265,9 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
     meta = json.loads(cfg_path.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{cfg_path}: not a vip export (format {meta.get('format')!r})")
+    from vip.config import _from_dict
     known = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})
+    return _from_dict(ModelConfig, {k: v for k, v in meta["model"].items() if k in known})   # fusion: nested
 
 
 def read_head_spec(path: str | os.PathLike) -> dict | None:
@@ -315,5 +316,9 @@ def load_weights_into(model: torch.nn.Module, path: str | os.PathLike) -> dict:
         sd = {**{k: own[k] for k in missing}, **sd}                        # open_clip CLIP checkpoint
         _load_strict(model, sd, f"open_clip checkpoint {weights}")
         return {"source": "open_clip", "missing": missing}
+    new = ("audio.", "fusion_head.")                                       # EAOModel's own parts
+    if missing and all(k.startswith(new) for k in missing) and not any(k.startswith(new) for k in sd):
+        _load_strict(model, {**{k: own[k] for k in missing}, **sd}, f"CLIP-ViP export {weights}")
+        return {"source": "vip", "missing": missing}                      # a CLIP-ViP export into an EAOModel
     _load_strict(model, sd, f"weights {weights}")
     return {"source": "vip", "missing": []}

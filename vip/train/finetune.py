@@ -77,7 +77,7 @@ def finetune(cfg: Config) -> int:
 def _finetune(cfg: Config, rt, where: dict) -> int:
     from vip.eval.retrieval import evaluate
     from vip.model.archs import image_size, tokenizer_for
-    from vip.model.convert import build_exported, load_weights_into
+    from vip.model.convert import build_exported, load_weights_into, read_model_config
     from vip.train.engine import build_engine, train_step
     from vip.train.logs import MetricsLog
     from vip.train.objectives import RetrievalObjective
@@ -90,29 +90,42 @@ def _finetune(cfg: Config, rt, where: dict) -> int:
     torch.manual_seed(tc.seed)          # model init: the same on every rank
     if not tc.init_from:
         raise ConfigError("vip finetune needs the exported model to start from: set train.init_from=DIR")
-    model, model_cfg = build_exported(tc.init_from)       # an export's head (if any) comes with it
+    eao = fc.method == "eao"   # Everything at Once (vip/train/fusion_objective.py, docs/fusion.md)
+    fusion = {}
+    if eao and read_model_config(tc.init_from).fusion is None:      # a CLIP-ViP export gains the fusion parts
+        from vip.config import FusionConfig
+        fusion = {"fusion": cfg.model.fusion or FusionConfig()}
+    model, model_cfg = build_exported(tc.init_from, **fusion)       # an export's head (if any) comes with it
     load_weights_into(model, tc.init_from)
     setup_head(model, fc)
     tokenize = tokenizer_for(model_cfg.arch, fc.context_length)
     data = TrainVideos(fc, image_size(model), tc.seed)
+    collate = Collate(tokenize)
+    if eao:
+        from vip.train.fusion_objective import AudioClips, AudioCollate
+        data, collate = AudioClips(data, cfg.data), AudioCollate(tokenize)
     micro = cfg.data.batch_size
     sampler = torch.utils.data.distributed.DistributedSampler(data, rt.world, rt.rank, shuffle=True, seed=tc.seed,
                                                               drop_last=True)
     loader = DataLoader(data, batch_size=micro, sampler=sampler, num_workers=fc.num_workers,
-                        collate_fn=Collate(tokenize), drop_last=True)
+                        collate_fn=collate, drop_last=True)
     steps_per_epoch = len(loader) * micro * rt.world // tc.global_batch
     if steps_per_epoch == 0:
         raise ValueError(f"{len(data)} training videos are fewer than one global batch ({tc.global_batch})")
     engine = build_engine(model, rt, tc, cfg.optim, micro, steps_per_epoch * fc.epochs)
     objective = RetrievalObjective(rt, head=fc.head != "none",
                                    regulariser_weight=fc.cdcr_lambda if fc.head == "drl" else 0.0)
+    if eao:
+        from vip.train.fusion_objective import FusionObjective
+        objective = FusionObjective(cfg.loss, rt)
+    sel = "t2va" if eao else "t2v"                                     # model selection metric
     val = EvalConfig(annotations=fc.val_annotations, videos=fc.val_videos or fc.videos,
                      num_frames=fc.num_frames, resize=fc.resize, paragraph=fc.paragraph, batch_size=micro)
     metrics = MetricsLog(out, enabled=rt.is_main, tensorboard=False)
     best, best_key = None, (-1.0, -1.0)
     for epoch in range(fc.epochs):
         sampler.set_epoch(epoch)
-        data.epoch = epoch
+        (data.videos if eao else data).epoch = epoch
         engine.ds.train()
         losses = []
         for batch in loader:
@@ -122,22 +135,27 @@ def _finetune(cfg: Config, rt, where: dict) -> int:
                 losses.append(res.loss)
         engine.ds.eval()
         loss = float(torch.stack(losses).mean()) if losses else float("nan")
-        res = evaluate(engine.module, val, tokenize, rt, name=f"epoch {epoch + 1}", progress=rt.is_main)
+        if eao:
+            from vip.eval.fusion import evaluate_fusion
+            res = evaluate_fusion(engine.module, val, tokenize, rt, cfg.data, name=f"epoch {epoch + 1}")
+        else:
+            res = evaluate(engine.module, val, tokenize, rt, name=f"epoch {epoch + 1}", progress=rt.is_main)
         m = res["metrics"]
         if rt.is_main:
             metrics.write(engine.global_steps, "finetune", {"epoch": epoch + 1, "loss": loss, **engine.counters,
                                                             **{f"val_{k}": v for k, v in m.items()}})
-            log.info("epoch %d/%d loss %.4f | val t2v R@1 %.1f R@5 %.1f R@10 %.1f | v2t R@1 %.1f", epoch + 1,
-                     fc.epochs, loss, m["t2v_R@1"], m["t2v_R@5"], m["t2v_R@10"], m["v2t_R@1"])
-        key = (m["t2v_R@1"], m["t2v_R@5"])
+            log.info("epoch %d/%d loss %.4f | val t2v R@1 %.1f R@5 %.1f R@10 %.1f | v2t R@1 %.1f%s", epoch + 1,
+                     fc.epochs, loss, m["t2v_R@1"], m["t2v_R@5"], m["t2v_R@10"], m["v2t_R@1"],
+                     f" | t2a R@1 {m['t2a_R@1']:.1f} | t2va R@1 {m['t2va_R@1']:.1f}" if eao else "")
+        key = (m[f"{sel}_R@1"], m[f"{sel}_R@5"])
         if key > best_key:  # same on every rank: the metrics come from gathered features
             best_key, best = key, epoch + 1
             if rt.is_main:
                 export_model(engine.module, model_cfg, out / "best")
                 write_json(out / "best" / "selection.json",
-                           {"epoch": best, "val_metrics": m, "criterion": "val t2v R@1, then R@5"}, indent=2)
+                           {"epoch": best, "val_metrics": m, "criterion": f"val {sel} R@1, then R@5"}, indent=2)
     if rt.is_main:
-        log.info("best epoch %d (val t2v R@1 %.1f) exported to %s", best, best_key[0], out / "best")
+        log.info("best epoch %d (val %s R@1 %.1f) exported to %s", best, sel, best_key[0], out / "best")
     metrics.close()
     return 0
 

@@ -23,7 +23,10 @@ log = logging.getLogger("vip.train")
 def preflight(cfg: Config) -> None:
     """Refuse, before any engine is built, a run that cannot do what its config says."""
     from shards.captions import count_sidecars
-    if cfg.loss.variant != "vs" and count_sidecars(cfg.data.shards, cfg.data.captions) == 0:
+    if cfg.model.fusion is not None and not cfg.data.audio:
+        raise ConfigError("model.fusion (Everything at Once) trains on the clips' audio: set data.audio=true "
+                          "(shards built with build.audio=true)")
+    if cfg.model.fusion is None and cfg.loss.variant != "vs" and count_sidecars(cfg.data.shards, cfg.data.captions) == 0:
         raise ConfigError(f"loss.variant={cfg.loss.variant} trains on captions, but no caption sidecars were "
                          f"found for {cfg.data.shards} (data.captions={cfg.data.captions}): run `vip caption` "
                          "first, or use loss.variant=vs")
@@ -64,6 +67,9 @@ def _pretrain(cfg: Config, rt, where: dict) -> int:
     resumed_rng = rng_state() if tag else None     # restoring the RNG is the last thing resume does
     logs = TrainLog(out, rt.rank, rt.world, tc.log_every, tc.steps, tc.tensorboard, tc.log_keys)
     objective, preempt, data = PretrainObjective(cfg.loss.variant, rt), Preemption(), iter(loader)
+    if cfg.model.fusion is not None:   # Everything at Once on shards with audio (docs/fusion.md)
+        from vip.train.fusion_objective import FusionObjective
+        objective = FusionObjective(cfg.loss, rt)
     saved = engine.global_steps if tag else -1
 
     def save():
