@@ -291,7 +291,7 @@ def test_crop_of_square_shards_is_refused_at_open(shard_dir, small_data, monkeyp
     import shards.reader as reader
     touched = []
     monkeypatch.setattr(TarReader, "read", lambda self, key, ext: touched.append(key))
-    monkeypatch.setattr(reader, "index_tar", lambda path: touched.append(path))
+    monkeypatch.setattr(reader, "open_index", lambda path, *a: touched.append(path))
     with pytest.raises(ValueError) as e:
         StreamLoader(small_data(shard_dir, resize="crop", train=False))
     msg = str(e.value)
