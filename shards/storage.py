@@ -143,6 +143,11 @@ def filesystem(path: str, opts: IOOptions = DEFAULT):
     return fs
 
 
+def reset_filesystems() -> None:
+    """Forget this process's filesystems (after the environment's endpoint or credentials changed)."""
+    _fs.clear()
+
+
 def _strip(path: str) -> str:
     """The path as the filesystem wants it (s3fs: 'bucket/key'; http: the whole URL)."""
     return path if protocol(path) in ("http", "https") else path.split("://", 1)[1]
@@ -245,7 +250,8 @@ def read_bytes(path: str, opts: IOOptions = DEFAULT) -> bytes:
         _count(requests=1, bytes=len(data))
         return data
     fs = filesystem(path, opts)
-    data = retrying(path, lambda: fs.cat_file(_strip(path)), opts)
+    kw = {"max_concurrency": 1} if protocol(path) in ("s3", "s3a") else {}   # one GET, no size request first
+    data = retrying(path, lambda: fs.cat_file(_strip(path), **kw), opts)
     _count(bytes=len(data))
     return data
 

@@ -264,6 +264,10 @@ class TarReader:
             else:
                 merged.append([start, end, [(key, members)]])
         got = storage.read_ranges(self.path, [(s, e) for s, e, _ in merged], self.opts)
+        gone = next((g for g in got if isinstance(g, FileNotFoundError)), None)
+        if gone is not None:                # the index is there, the tar is not (404): a missing shard
+            self.index.missing, self.index.error = True, f"shard not found: {gone}"
+            log.warning("%s: %s", storage.display(self.path), self.index.error)
         for (start, _, samples), data in zip(merged, got):
             for key, members in samples:
                 err = data if isinstance(data, BaseException) else None

@@ -322,3 +322,290 @@ def test_transient_classification():
     assert storage.transient(wrapped) == "5xx" and storage.transient(ClientResponseError(429)) == "5xx"
     for e in (FileNotFoundError("x"), PermissionError("x"), ClientResponseError(403), ValueError("bad")):
         assert storage.transient(e) is None, e
+
+
+# --------------------------------------------------------------------------- S3: the whole pipeline
+class _Records(list):
+    """A logging handler keeping every formatted record (the secret must be in none)."""
+
+    def __init__(self):
+        super().__init__()
+        import logging
+        self.handler = logging.Handler(logging.DEBUG)
+        self.handler.emit = lambda r: self.append(f"{r.name}: {r.getMessage()}")
+
+
+@pytest.fixture(scope="module")
+def debug_log():
+    import logging
+    rec = _Records()
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(rec.handler)
+    root.setLevel(logging.DEBUG)
+    yield rec
+    root.removeHandler(rec.handler)
+    root.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def s3_shards(s3, corpus, shard_dir, debug_log, tmp_path_factory):
+    """The corpus built straight to S3 (2 local build processes, shards staged in a local folder)."""
+    from vip.config import ShardBuildConfig
+    cfg = ShardBuildConfig(metadata=f"{corpus}/metadata.jsonl", subtitles=f"{corpus}/subtitles.jsonl",
+                           videos=f"{corpus}/videos", out=f"{s3}/shards", clips_per_shard=2, fps=8.0, short_side=64,
+                           keyframe_interval=4, frame_short_side=64, workers=2,
+                           staging=str(tmp_path_factory.mktemp("staging")))
+    summary = build_shards(cfg)
+    assert summary.shards_failed == 0 and summary.clips_written == 12, summary.table()
+    return cfg
+
+
+def _objects(url: str) -> dict:
+    fs = storage.filesystem(url)
+    return {p.split("/", 1)[1]: fs.cat_file(p) for p in fs.find(url.split("://", 1)[1])}
+
+
+@pytest.mark.slow
+def test_build_to_s3_is_the_local_build_and_resumes(s3_shards, shard_dir, s3):
+    """The shards built to S3 are byte for byte the local build (tars, member indexes, counts); the
+    staging folder is left empty; a re-run after a lost commit marker and a lost tar rebuilds just
+    those two shards, and an uncommitted upload (tar, no marker) is never listed."""
+    url = s3_shards.out
+    objs = _objects(url)
+    names = load_shardset(shard_dir).names
+    for name in names:
+        stem = name[:-4]
+        assert objs[f"shards/{name}"] == (shard_dir / name).read_bytes(), name
+        assert objs[f"shards/{stem}.index.json"] == (shard_dir / f"{stem}.index.json").read_bytes()
+        assert f"shards/_parts/{stem}.json" in objs
+    assert json.loads(objs["shards/shards.json"]) == json.loads((shard_dir / "shards.json").read_text())
+    assert load_shardset(url).counts == load_shardset(shard_dir).counts
+    assert not any(Path(s3_shards.staging).iterdir())
+    # lose shard 2's commit marker (as if the job died between upload and marker) and shard 4's tar
+    storage.remove(f"{url}/_parts/shard-000002.json")
+    storage.remove(f"{url}/shard-000004.tar")
+    from shards.build import merge_manifest
+    assert [s["name"] for s in merge_manifest(url)["shards"]] == [n for n in names if n not in
+                                                                   ("shard-000002.tar", "shard-000004.tar")]
+    summary = build_shards(s3_shards)
+    assert (summary.shards_built, summary.shards_already_done, summary.shards_failed) == (2, 4, 0), summary.table()
+    again = _objects(url)
+    assert {k: v for k, v in again.items() if k.startswith("shards/shard-")} == \
+        {k: v for k, v in objs.items() if k.startswith("shards/shard-")}
+    assert json.loads(again["shards/shards.json"]) == json.loads(objs["shards/shards.json"])
+
+
+@pytest.fixture(scope="module")
+def captioned_s3(s3_shards, shard_dir, tmp_path_factory):
+    """The caption job run twice, as one Ray job each on a private local Ray on 127.0.0.1: on the
+    S3 shards (sidecars written to S3, beside them) and on the local build (a local folder)."""
+    pytest.importorskip("ray")
+    from captioning.job import run_caption_job
+    from captioning.tiny import make_tiny_coca
+    from vip.config import CaptionConfig
+    coca = make_tiny_coca(tmp_path_factory.mktemp("coca") / "tiny_coca")
+    local_out = tmp_path_factory.mktemp("captions") / "captions"
+    kw = dict(model=coca, pretrained=None, decoding="greedy", max_tokens=6, min_tokens=2, chunk_size=1,
+              batch_size=2, num_actors=1, local_cpus=2)
+    remote = run_caption_job(CaptionConfig(shards=s3_shards.out, **kw))
+    local = run_caption_job(CaptionConfig(shards=str(shard_dir), out=str(local_out), **kw))
+    return remote, local, local_out
+
+
+def _sidecars(root: str, shards: str) -> dict:
+    import io
+
+    import pyarrow.parquet as pq
+    rows = {}
+    for name in load_shardset(shards).names:
+        sc = storage.join(root, name.replace(".tar", ".parquet"))
+        for r in pq.read_table(io.BytesIO(storage.read_bytes(sc))).to_pylist():
+            assert r["key"] not in rows
+            rows[r["key"]] = r["caption"]
+    return rows
+
+
+@pytest.mark.slow
+def test_caption_job_writes_sidecars_to_s3(captioned_s3, s3_shards, shard_dir):
+    """Every clip of the S3 shards gets exactly one caption in a sidecar written to S3, the same
+    captions as the job gives on the local copy; a re-run finds them all done."""
+    remote, local, local_out = captioned_s3
+    assert remote.shards_written == 6 and remote.clips == 12 and remote.captions == 12, remote.table()
+    assert remote.out == f"{s3_shards.out}/captions"
+    got = _sidecars(remote.out, s3_shards.out)
+    assert len(got) == 12 and got == _sidecars(str(local_out), str(shard_dir))
+    from shards.captions import count_sidecars
+    assert count_sidecars(s3_shards.out) == 6
+    assert storage.exists(f"{remote.out}/caption_runs.jsonl")
+    from captioning.job import run_caption_job
+    from vip.config import CaptionConfig
+    again = run_caption_job(CaptionConfig(shards=s3_shards.out, model="unused", pretrained=None))
+    assert again.shards_already_done == 6 and again.shards_written == 0
+
+
+def _train(shards, captions, out, steps=8, **extra):
+    args = ["--config", "tiny", f"data.shards={shards}", f"data.captions={captions}", "data.batch_size=2",
+            "data.num_workers=1", "data.num_frames=4", "data.image_size=32", "data.context_length=32",
+            "data.io_backoff=0.05", f"train.out={out}", f"train.steps={steps}", "train.global_batch=2",
+            "train.save_every=2", "train.log_every=1", "train.log_keys=true", "train.tensorboard=false",
+            "loss.variant=d", "model.arch=vip-tiny", "model.num_proxies=2", "model.max_frames=4",
+            *[f"{k}={v}" for k, v in extra.items()]]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "vip.train", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _logged_keys(out) -> list:
+    recs = {}
+    for line in (Path(out) / "keys" / "rank0.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        recs[(rec["step"], rec["micro"])] = rec["keys"]
+    return [recs[k] for k in sorted(recs)]
+
+
+@pytest.mark.slow
+def test_train_from_s3_kill_and_resume_reads_the_local_batches(captioned_s3, s3_shards, shard_dir, tmp_path,
+                                                               debug_log, s3):
+    """Pretraining from the S3 shards and S3 caption sidecars (1 process, a DataLoader worker),
+    killed with SIGKILL after its step-4 checkpoint and resumed, consumes the same samples in the
+    same order as training from the local copy. The S3 secret (in the environment) appears in no
+    log line, console output, saved config or written file, locally or in the bucket."""
+    _, _, local_caps = captioned_s3
+    p = _train(shard_dir, local_caps, tmp_path / "local")
+    log_local, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, log_local[-3000:]
+    ref = _logged_keys(tmp_path / "local")
+    assert len(ref) == 8
+
+    out = tmp_path / "s3run"
+    p = _train(s3_shards.out, f"{s3_shards.out}/captions", out)
+    deadline = time.time() + 600
+    while not (out / "checkpoints" / "step00000004" / "COMPLETE").exists():
+        assert p.poll() is None and time.time() < deadline, p.stdout.read()[-3000:]
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)
+    log_killed, _ = p.communicate()
+    assert not (out / "final").exists()
+    p = _train(s3_shards.out, f"{s3_shards.out}/captions", out)
+    log_resumed, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, log_resumed[-3000:]
+    assert "resumed from step0000000" in log_resumed
+    assert _logged_keys(out) == ref
+
+    # no secret anywhere: logs of this process (build, caption job, reads at DEBUG), console
+    # output of the runs, every file they wrote, every object in the bucket
+    assert debug_log and not [r for r in debug_log if SECRET in r]
+    for text in (log_local, log_killed, log_resumed):
+        assert SECRET not in text
+    for f in out.rglob("*"):
+        if f.is_file():
+            assert SECRET.encode() not in f.read_bytes(), f
+    assert "s3://" in (out / "config.yaml").read_text()
+    for key, data in _objects(s3).items():
+        assert SECRET.encode() not in data, key
+
+
+class S3Proxy(http.server.ThreadingHTTPServer):
+    """A reverse proxy on 127.0.0.1 in front of the moto server that injects faults into the GETs
+    passing through it (same kinds as RangeServer): S3 as a flaky network shows it."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str):
+        self.upstream, self.faults, self.release, self.lock = upstream, [], threading.Event(), threading.Lock()
+        super().__init__(("127.0.0.1", 0), ProxyHandler)
+
+    fault, take_fault = RangeServer.fault, RangeServer.take_fault
+
+
+class ProxyHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self._forward()
+
+    def do_HEAD(self):
+        self._forward()
+
+    def _forward(self):
+        import http.client
+        srv: S3Proxy = self.server
+        fault = srv.take_fault(self.path) if self.command == "GET" else None
+        if fault == "503":
+            body = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+            self.send_response(503)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        host, port = srv.upstream.split("//", 1)[1].split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request(self.command, self.path, headers=dict(self.headers.items()))
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        if fault == "stall":
+            srv.release.wait(60)
+            return
+        self.send_response(resp.status)
+        for k, v in resp.getheaders():
+            if k.lower() not in ("content-length", "transfer-encoding", "connection", "server", "date"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        if fault == "reset":
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+            self.close_connection = True
+            return
+        self.wfile.write(data)
+
+
+@pytest.mark.slow
+def test_s3_faults_are_retried_and_a_missing_shard_is_skipped(s3_shards, shard_dir, small_data, s3, tmp_path):
+    """Through a fault-injecting proxy in front of the S3 server: a reset mid-body, a 503 SlowDown
+    and a response stalled past data.io_timeout are retried and counted, and the batches are the
+    local ones; on a copy of the shard set without one tar (404), its samples are counted as
+    missing_shard and the rest is read."""
+    fs = storage.filesystem(s3)
+    src = s3_shards.out.split("://", 1)[1]
+    for p in fs.find(src):
+        if "shard-000003.tar" not in p:
+            fs.copy(p, p.replace(src, f"{BUCKET}/holed", 1))
+    proxy = S3Proxy(os.environ["AWS_ENDPOINT_URL"])
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    saved = os.environ["AWS_ENDPOINT_URL"]
+    os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{proxy.server_address[1]}"
+    storage.reset_filesystems()
+    try:
+        cfg = small_data(shard_dir, train=False, batch_size=4, io_timeout=1.0, io_backoff=0.01,
+                         captions=str(tmp_path / "no-captions"))   # the S3 set may be captioned by now
+        local = _batches(StreamLoader(cfg), 3)
+        proxy.fault("shard-000000.tar", "reset")
+        proxy.fault("shard-000002.index.json", "503", count=2)
+        proxy.fault("shard-000004.tar", "stall")
+        loader = StreamLoader(dataclasses.replace(cfg, shards=s3_shards.out))
+        _same_batches(local, _batches(loader, 3))
+        assert not any(f[2] for f in proxy.faults), proxy.faults
+        io = loader.io
+        assert (io["retry_connection"], io["retry_5xx"], io["retry_timeout"], io["retries"]) == (1, 2, 1, 4), io
+        assert not loader.events
+        holed = StreamLoader(dataclasses.replace(cfg, shards=f"{s3}/holed"))
+        keys = [k for b in holed for k in b["key"]]
+        assert len(keys) == 10 and not set(keys) & set(index_tar(str(shard_dir / "shard-000003.tar")).keys)
+        assert holed.events == {"missing_shard": 2}, holed.events
+    finally:
+        os.environ["AWS_ENDPOINT_URL"] = saved
+        storage.reset_filesystems()
+        proxy.release.set()
+        proxy.shutdown()
+        proxy.server_close()
