@@ -297,6 +297,27 @@ def test_missing_shard_and_unreadable_member_are_counted_and_skipped(shard_dir, 
     assert loader.io["failed_connection"] == 1 and loader.io["retry_connection"] == 2, loader.io
 
 
+def test_http_caption_sidecars_are_counted_and_joined(shard_dir, small_data, serve, tmp_path):
+    """Over HTTP (no listing), sidecars are found by asking for each and joined by key."""
+    from shards.captions import count_sidecars, sidecar_path, write_sidecar
+    root = tmp_path / "served"
+    shutil.copytree(shard_dir, root)
+    captioned = {}
+    for name in load_shardset(root).names[:2]:
+        keys = index_tar(str(root / name)).keys
+        write_sidecar(sidecar_path(root / "captions", name), [{"key": k, "caption": f"caption of {k}"} for k in keys],
+                      model="test")
+        captioned.update({k: f"caption of {k}" for k in keys})
+    srv = serve(root)
+    assert count_sidecars(srv.url) == 2 and count_sidecars(root) == 2
+    seen = 0
+    for b in StreamLoader(small_data(srv.url, train=False, batch_size=4)):
+        for key, has in zip(b["key"], b["has_caption"].tolist()):
+            assert has == (key in captioned)
+            seen += has
+    assert seen == 4
+
+
 def test_credentials_in_urls_are_refused(small_data):
     for url in (f"s3://{ACCESS}:{SECRET}@bucket/shards", f"https://user:{SECRET}@example.org/shards"):
         with pytest.raises(ValueError) as e:
@@ -609,3 +630,26 @@ def test_s3_faults_are_retried_and_a_missing_shard_is_skipped(s3_shards, shard_d
         proxy.release.set()
         proxy.shutdown()
         proxy.server_close()
+
+
+@pytest.mark.slow
+def test_bench_data_remote_vs_local_quick(tmp_path):
+    """`bench/data.py --remote moto` (its own moto server process on 127.0.0.1) prints the remote vs
+    local table; the remote side read every clip (no event), with counted requests and bytes."""
+    out = tmp_path / "data.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        env.pop(k, None)
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "data.py"), "--quick", "--formats", "8:64:8", "--remote",
+                        "moto", "--seconds", "1", "--json", str(out)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Remote vs. local" in p.stdout and "remote / local" in p.stdout
+    (row,) = json.loads(out.read_text())["formats"]
+    r = row["remote"]
+    assert r["url"].startswith("s3://") and r["moto"]
+    for side in ("local", "remote"):
+        assert r[side]["batches"] >= 1 and r[side]["events"] == 0 and r[side]["per_core"] > 0
+    # every remote batch reads its shards by range requests (≤ its 8 samples' 24 members), and bytes
+    assert 1 <= r["remote"]["requests_per_batch"] < 24 and r["remote"]["bytes_per_batch"] > 0
+    assert r["remote_over_local_per_core"] == pytest.approx(r["remote"]["per_core"] / r["local"]["per_core"])
