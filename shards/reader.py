@@ -188,14 +188,22 @@ class ClipStream(IterableDataset):
         by_shard: dict = {}
         for _, sid, idx in items:
             by_shard.setdefault(sid, []).append(idx)
+        ranges = failed = 0
         for sid, idxs in by_shard.items():
             try:
                 reader = self._shard(sid).reader
+            except PermissionError:
+                raise
             except Exception as e:       # a caption sidecar that cannot be read: load_sample meets it again
                 log.debug("prefetch: %s: %s", self.shards.names[sid], e)
                 continue
             keys = reader.index.keys
-            reader.prefetch([keys[i] for i in idxs if i < len(keys)])
+            ranges += reader.prefetch([keys[i] for i in idxs if i < len(keys)])
+            failed += reader.failed
+        if ranges and failed == ranges:  # the store is down, not one member unreadable: stop, do not
+            raise storage.RemoteIOError(  # skip a whole epoch sample by sample
+                f"{storage.display(self.shards.root)}: every read of a batch", "failure", self.cfg.io_retries + 1,
+                RuntimeError(f"all {ranges} range requests failed after {self.cfg.io_retries} retries each"))
 
     def release(self) -> None:
         for shard in self._open.values():

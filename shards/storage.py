@@ -204,6 +204,21 @@ def transient(e: BaseException) -> str | None:
     return None
 
 
+def denied_or_missing(e: BaseException, what: str) -> BaseException:
+    """A non-transient error as the Python error it means: 401/403 → PermissionError, 404 →
+    FileNotFoundError (backends differ: s3fs translates them, aiohttp does not)."""
+    if isinstance(e, (PermissionError, FileNotFoundError)):
+        return e
+    status = _status(e)
+    if status is None and e.__cause__ is not None:
+        status = _status(e.__cause__)
+    if status in (401, 403):
+        return PermissionError(errno.EACCES, f"{display(what)}: access denied (HTTP {status})")
+    if status == 404:
+        return FileNotFoundError(errno.ENOENT, f"{display(what)}: not found (HTTP 404)")
+    return e
+
+
 def _count(**kw) -> None:
     with _lock:
         STATS.update(kw)
@@ -229,9 +244,12 @@ def retrying(what: str, fn, opts: IOOptions = DEFAULT, requests: int = 1):
         except Exception as e:
             kind = transient(e)
             if kind is None:
-                if isinstance(e, FileNotFoundError):
+                err = denied_or_missing(e, what)
+                if isinstance(err, FileNotFoundError):
                     _count(not_found=1)
-                raise
+                if err is e:
+                    raise
+                raise err from e
             if attempt == opts.retries:
                 _count(**{"failed": 1, f"failed_{kind}": 1})
                 raise RemoteIOError(display(what), kind, attempt + 1, e) from e
@@ -284,13 +302,17 @@ def read_ranges(path: str, ranges: list[tuple[int, int]], opts: IOOptions = DEFA
     todo = list(range(len(ranges)))
     for attempt in range(opts.retries + 1):
         _count(requests=len(todo))
-        got = fs.cat_ranges([_strip(path)] * len(todo), [ranges[i][0] for i in todo], [ranges[i][1] for i in todo],
-                            on_error="return", batch_size=opts.concurrency)
+        try:
+            got = fs.cat_ranges([_strip(path)] * len(todo), [ranges[i][0] for i in todo],
+                                [ranges[i][1] for i in todo], on_error="return", batch_size=opts.concurrency)
+        except Exception as e:          # the call as a whole failed (not one range): every range met it
+            got = [e] * len(todo)
         again = []
         for i, res in zip(todo, got):
             if isinstance(res, BaseException):
                 kind = transient(res)
                 if kind is None:
+                    res = denied_or_missing(res, path)
                     if isinstance(res, FileNotFoundError):
                         _count(not_found=1)
                     out[i] = res

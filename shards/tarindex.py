@@ -203,6 +203,7 @@ class TarReader:
         self.remote = storage.is_remote(self.path)
         self.index = open_index(self.path, opts)
         self._cache: dict = {}            # (key, ext) → bytes | exception, filled by prefetch
+        self.failed = 0                   # ranges of the last prefetch that failed every retry
         self._f = None
         self._size = 0
         if not self.remote and not self.index.missing and os.path.exists(self.path):
@@ -243,6 +244,7 @@ class TarReader:
         """Read the members (`exts`, default all) of `keys` with few range requests: the samples'
         spans sorted and merged across gaps ≤ coalesce_bytes. Local tars read straight from the
         page cache: nothing to gain, nothing done. Returns the number of range requests."""
+        self.failed = 0
         if not self.remote or not self.is_open:
             return 0
         spans = []
@@ -264,6 +266,10 @@ class TarReader:
             else:
                 merged.append([start, end, [(key, members)]])
         got = storage.read_ranges(self.path, [(s, e) for s, e, _ in merged], self.opts)
+        denied = next((g for g in got if isinstance(g, PermissionError)), None)
+        if denied is not None:              # a credentials problem, not a data problem: stop here
+            raise PermissionError(f"{storage.display(self.path)}: access denied ({denied}): check the storage "
+                                  "credentials in this process's environment (docs/scaling.md)")
         gone = next((g for g in got if isinstance(g, FileNotFoundError)), None)
         if gone is not None:                # the index is there, the tar is not (404): a missing shard
             self.index.missing, self.index.error = True, f"shard not found: {gone}"
@@ -279,6 +285,7 @@ class TarReader:
                                                  f"the tar (header says {name!r}, index {key}.{ext0})")
                 for ext, (o, n) in members.items():
                     self._cache[(key, ext)] = err if err is not None else data[o - start:o - start + n]
+        self.failed = sum(isinstance(g, storage.RemoteIOError) for g in got)
         return len(merged)
 
     def release(self) -> None:

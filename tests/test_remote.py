@@ -38,7 +38,7 @@ BUCKET = "vip-test"
 class RangeServer(http.server.ThreadingHTTPServer):
     """Serves a folder over HTTP/1.1 with byte ranges, and injects faults on request: for the next
     `count` GETs whose path contains `match`, `kind` is one of reset (send half the range, then a
-    TCP reset), stall (send nothing until the test ends), 503, 404."""
+    TCP reset), stall (send nothing until the test ends), 503, 403, 404."""
 
     daemon_threads = True
 
@@ -90,8 +90,8 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
         file = srv.root / self.path.lstrip("/").split("?")[0]
         if fault == "404" or not file.is_file():
             return self._status(404)
-        if fault == "503":
-            return self._status(503)
+        if fault in ("503", "403"):
+            return self._status(int(fault))
         data = file.read_bytes()
         start, end, status = 0, len(data), 200
         if rng and rng.startswith("bytes="):
@@ -295,6 +295,21 @@ def test_missing_shard_and_unreadable_member_are_counted_and_skipped(shard_dir, 
     assert set(keys) == everything - missing - lost and len(keys) == len(set(keys)) == 8
     assert loader.events["missing_shard"] == 2 and loader.events["corrupt_member"] == 2, loader.events
     assert loader.io["failed_connection"] == 1 and loader.io["retry_connection"] == 2, loader.io
+
+
+def test_a_store_that_is_down_or_denies_access_stops_the_reader(shard_dir, small_data, serve):
+    """Skipping is for a bad shard or member, not for a store that is down (every read of a batch
+    fails every retry: RemoteIOError) or refuses our credentials (403: PermissionError): those stop
+    the reader with the reason instead of skipping the epoch sample by sample."""
+    srv = serve(shard_dir)
+    cfg = small_data(srv.url, train=True, batch_size=4, io_retries=1, io_backoff=0.01)
+    srv.fault(".tar", "reset", count=10**6)
+    with pytest.raises(storage.RemoteIOError, match="every read of a batch"):
+        next(iter(StreamLoader(cfg)))
+    srv.faults.clear()
+    srv.fault(".tar", "403", count=10**6)
+    with pytest.raises(PermissionError, match="access denied"):
+        next(iter(StreamLoader(cfg)))
 
 
 def test_http_caption_sidecars_are_counted_and_joined(shard_dir, small_data, serve, tmp_path):
