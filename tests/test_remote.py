@@ -668,3 +668,21 @@ def test_bench_data_remote_vs_local_quick(tmp_path):
     # every remote batch reads its shards by range requests (≤ its 8 samples' 24 members), and bytes
     assert 1 <= r["remote"]["requests_per_batch"] < 24 and r["remote"]["bytes_per_batch"] > 0
     assert r["remote_over_local_per_core"] == pytest.approx(r["remote"]["per_core"] / r["local"]["per_core"])
+
+
+@pytest.mark.slow
+def test_ray_build_to_s3(s3, s3_shards, shard_dir, tmp_path):
+    """The shard build as Ray tasks (a private local Ray on 127.0.0.1) writes to S3 from the task
+    processes, which take the credentials from their own environment: the same bytes as the local build."""
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    try:
+        cfg = dataclasses.replace(s3_shards, out=f"{s3}/ray-shards", ray_address="local", workers=2,
+                                  staging=str(tmp_path / "staging"))
+        summary = build_shards(cfg)
+        assert summary.shards_built == 6 and summary.shards_failed == 0, summary.table()
+        for name in load_shardset(shard_dir).names:
+            assert storage.read_bytes(f"{cfg.out}/{name}") == (shard_dir / name).read_bytes(), name
+    finally:
+        if started and ray.is_initialized():
+            ray.shutdown()
