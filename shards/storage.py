@@ -133,7 +133,9 @@ def filesystem(path: str, opts: IOOptions = DEFAULT):
             fs = fsspec.filesystem("http", skip_instance_cache=True, client_kwargs={
                 "timeout": aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)})
         elif p in ("gs", "gcs"):
-            fs = fsspec.filesystem("gs", skip_instance_cache=True, timeout=t, retries=1)
+            # gcsfs retries 5xx itself (its own loop, not switchable per instance): those retries are
+            # not in our counters; ours add on top for what it gives up on
+            fs = fsspec.filesystem("gs", skip_instance_cache=True, requests_timeout=t)
         else:
             fs = fsspec.filesystem(p)
     except ImportError as e:
