@@ -48,6 +48,11 @@ class IOOptions:
     backoff_max: float = 30.0
     concurrency: int = 16         # range requests of one call in flight at once
 
+    def __post_init__(self):
+        if not (self.timeout > 0 and self.retries >= 0 and self.backoff >= 0 and self.concurrency >= 1):
+            raise ValueError(f"storage options out of range: {self} (timeout > 0, retries ≥ 0, backoff ≥ 0, "
+                             "concurrency ≥ 1)")
+
 
 DEFAULT = IOOptions()
 
