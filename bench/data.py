@@ -21,6 +21,9 @@ thread, OMP_NUM_THREADS=1): "clips/s per core", meaningful when other jobs share
     .venv/bin/python bench/data.py --formats 4:224:4:fast --content natural --json out.json
     .venv/bin/python bench/data.py --shards /data/shards   # your own shards (real video): worker/floor rows
     .venv/bin/python bench/data.py --out bench/out/data # keep (and reuse) corpora and shards
+    .venv/bin/python bench/data.py --remote moto --formats 4:224:4:fast:square --content natural
+                                       # + remote vs local: the shards uploaded to moto's S3 server on 127.0.0.1
+    .venv/bin/python bench/data.py --shards s3://bucket/shards   # an existing remote set vs a local copy of it
 
 A format is FPS:SHORT_SIDE:KEYFRAME_INTERVAL[:fast][:square] (fast = x264 --tune fastdecode;
 square = build.aspect=square, clips stored SHORT_SIDE² as the reader's squash resize would make them).
@@ -97,7 +100,8 @@ class Settings:
     out: Path
     formats: tuple
     contents: tuple = CONTENTS
-    shards: tuple = ()             # existing shard folders to measure instead of synthetic ones
+    shards: tuple = ()             # existing shard folders (or URLs) to measure instead of synthetic ones
+    remote: str | None = None      # also read each shard set from object storage: "moto" | s3://… | gs://…
     width: int = 1280
     height: int = 720
     src_fps: int = 30
@@ -121,7 +125,7 @@ def settings_from_args(args: argparse.Namespace, out: Path) -> Settings:
     for c in contents:
         if c not in CONTENTS:
             raise SystemExit(f"--content: {c!r} is not one of {CONTENTS}")
-    shards = tuple(Path(p) for p in args.shards.split(",")) if args.shards else ()
+    shards = tuple(p if "://" in p else Path(p) for p in args.shards.split(",")) if args.shards else ()
     if args.quick:
         s = Settings(out=out, formats=formats, contents=contents, width=320, height=180, videos=2,
                      clips_per_video=3, clip_seconds=2.0, image_size=64, seconds=2.0, naive_seconds=1.0, workers=0)
@@ -131,7 +135,7 @@ def settings_from_args(args: argparse.Namespace, out: Path) -> Settings:
                                          "batch_size", "image_size") if getattr(args, k) is not None}
     if "seconds" in kw:
         kw["naive_seconds"] = kw["seconds"]
-    return dataclasses.replace(s, shards=shards, audio=args.audio, **kw)
+    return dataclasses.replace(s, shards=shards, audio=args.audio, remote=args.remote, **kw)
 
 
 # --------------------------------------------------------------------------- data
@@ -215,17 +219,43 @@ def measure_format(s: Settings, shard_dir: Path) -> dict:
 
 
 def run(s: Settings) -> dict:
+    from bench.data_remote import remote_target
+    with remote_target(s.remote) as target:
+        return _run(s, target)
+
+
+def _with_remote(s: Settings, row: dict, shard_dir: Path, target: str | None, name: str) -> dict:
+    """row + the remote vs local measurement of shard_dir, uploaded to target/name first."""
+    if target:
+        from bench.data_remote import measure_pair, upload
+        url = f"{target}/{name}"
+        log.info("  uploading to %s, then remote vs local", url)
+        upload(shard_dir, url)
+        row["remote"] = {**measure_pair(s, shard_dir, url), "moto": s.remote == "moto"}
+    return row
+
+
+def _run(s: Settings, target: str | None) -> dict:
     import torch
     torch.set_num_threads(1)
     t_start = time.perf_counter()
     load0 = os.getloadavg()
     rows, naive, corpus_s = [], {}, 0.0
     for shard_dir in s.shards:
+        if isinstance(shard_dir, str):            # a remote set: compared with a local copy of it
+            from bench.data_remote import local_copy_of, measure_pair
+            log.info("given remote shards %s: downloading a local copy", shard_dir)
+            local = local_copy_of(shard_dir)
+            row = {"content": "given", "label": format_of(local), "shards": shard_dir, **measure_format(s, local)}
+            row["remote"] = measure_pair(s, local, shard_dir)
+            rows.append(row)
+            shutil.rmtree(local, ignore_errors=True)
+            continue
         if not any(shard_dir.glob("shard-*.tar")):
             raise SystemExit(f"--shards {shard_dir}: no shard-*.tar there")
         log.info("given shards %s", shard_dir)
-        rows.append({"content": "given", "label": format_of(shard_dir), "shards": str(shard_dir),
-                     **measure_format(s, shard_dir)})
+        rows.append(_with_remote(s, {"content": "given", "label": format_of(shard_dir), "shards": str(shard_dir),
+                                     **measure_format(s, shard_dir)}, shard_dir, target, shard_dir.name))
     for content in ([] if s.shards else s.contents):
         log.info("building the %dx%d %s synthetic corpus (%d videos × %d clips × %.1f s) in %s",
                  s.width, s.height, content, s.videos, s.clips_per_video, s.clip_seconds, s.out)
@@ -240,7 +270,7 @@ def run(s: Settings) -> dict:
             row = {"content": content, "format": dataclasses.asdict(fmt), "label": fmt.label,
                    "build_seconds": round(build_s, 2), **measure_format(s, shard_dir)}
             row["worker_over_naive"] = row["worker"]["per_core"] / naive[content]["per_core"]
-            rows.append(row)
+            rows.append(_with_remote(s, row, shard_dir, target, f"shards-{content}-{fmt.slug}"))
     return {"settings": {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if k == "shards" else v)
                          for k, v in dataclasses.asdict(s).items()},
             "naive": naive, "formats": rows,
@@ -345,7 +375,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--formats", default=None,
                    help=f"comma-separated FPS:SHORT:GOP[:fast][:square] (default {DEFAULT_FORMATS}; --quick {QUICK_FORMATS})")
     p.add_argument("--content", default=None, help=f"comma-separated of {CONTENTS} (default: both; --quick: flat)")
-    p.add_argument("--shards", default=None, help="comma-separated existing shard folders to measure (no synthesis)")
+    p.add_argument("--shards", default=None, help="comma-separated existing shard folders to measure (no synthesis); "
+                   "an s3://, gs:// or http(s):// URL is measured against a local copy of it")
+    p.add_argument("--remote", default=None, help="also read each shard set from object storage: 'moto' (an S3 "
+                   "server started on 127.0.0.1) or an s3://…/gs://… prefix to upload to")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     p.add_argument("--seconds", type=float, default=None, help="measuring time per path and format")
     p.add_argument("--workers", type=int, default=None, help="also measure an N-worker DataLoader (0: skip)")
@@ -381,8 +414,12 @@ def main(argv: list[str] | None = None) -> dict:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     print(f"\n## Data pipeline: worker vs. floor vs. naive ({'quick (smoke) run' if args.quick else 'full run'})\n")
+    from bench.data_remote import remote_table
     for part in (speed_table(res), breakdown(res), storage_table(res), notes(res)):
         print(part + "\n")
+    if remote_table(res):
+        print("### Remote vs. local reading (the worker path, one process)\n")
+        print(remote_table(res) + "\n")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=2, default=float))

@@ -1,8 +1,9 @@
 """Middle frames straight from shard tars: one chunk of a shard → resized uint8 images.
 
-A chunk is (shard, first sample, last sample) in tar order. `load_chunk` indexes
-the tar from its headers (no member data read), reads only the `<key>.jpg`
-members of the chunk with one seek each, and decodes them with PIL (JPEG only,
+A chunk is (shard, first sample, last sample) in tar order. `load_chunk` opens
+the tar's member index (shards/tarindex.py; the tar may be local or remote), reads only
+the `<key>.jpg` members of the chunk (one seek each locally; remotely a few concurrent
+range requests), and decodes them with PIL (JPEG only,
 nothing is ever unpickled). Per-clip problems become error strings; only a tar
 that cannot be opened at all is fatal for the chunk. No torch here: this runs
 in light CPU tasks.
@@ -62,6 +63,7 @@ def load_chunk(chunk: Chunk, size: int, resize: str) -> tuple[dict, np.ndarray]:
         meta["index_error"] = idx.error
         keys = idx.keys[chunk.start:chunk.stop]
         meta["keys"] = keys
+        reader.prefetch(keys, exts=("jpg",))   # remote shards: the chunk's JPEGs in a few concurrent requests
         images = []
         for key in keys:
             try:

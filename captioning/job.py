@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from captioning.frames import Chunk, load_chunk, plan_chunks
+from shards import storage
 from shards.captions import sidecar_path, write_sidecar
 from captioning.config import CaptionConfig
 
@@ -178,7 +179,8 @@ class CaptionJob:
 
     def __init__(self, cfg: CaptionConfig, fault_exit_chunk: int | None = None):
         self.cfg, self.fault_exit_chunk = cfg, fault_exit_chunk
-        self.out = Path(cfg.out) if cfg.out else Path(cfg.shards) / "captions"
+        # sidecar folder: a local folder or a URL (s3://, gs://: shards/storage.py)
+        self.out = storage.check_url(cfg.out) if cfg.out else storage.join(cfg.shards, "captions")
         self.summary = CaptionSummary(out=str(self.out))
         self.actors: list = []
         self.incarnations: list[int] = []
@@ -194,10 +196,13 @@ class CaptionJob:
         if self.cfg.limit_shards is not None:
             names, counts = names[:self.cfg.limit_shards], counts[:self.cfg.limit_shards]
         self.summary.shards_total = len(names)
-        done = {p.name for p in self.out.iterdir()} if self.out.is_dir() else set()  # one listing, not N stats
+        listed = storage.listdir(self.out)                 # one listing, not N requests
+        done = set(listed) if listed is not None else {
+            n for n in (storage.basename(str(sidecar_path(self.out, name))) for name in names)
+            if storage.exists(storage.join(self.out, n))}
         todo = []
         for sid, (name, count) in enumerate(zip(names, counts)):
-            if sidecar_path(self.out, name).name in done:
+            if storage.basename(str(sidecar_path(self.out, name))) in done:
                 self.summary.shards_already_done += 1
             else:
                 todo.append((sid, name, count))
@@ -311,7 +316,7 @@ class CaptionJob:
         ray, cfg, s = self._ray, self.cfg, self.summary
         loader = ray.remote(load_chunk).options(num_cpus=cfg.decode_cpus, num_returns=2, max_retries=3)
         chunks = (c for sid, name, count in todo
-                  for c in plan_chunks(sid, name, str(Path(cfg.shards) / name), count, cfg.chunk_size))
+                  for c in plan_chunks(sid, name, storage.join(cfg.shards, name), count, cfg.chunk_size))
         retry: collections.deque = collections.deque()
         calls: dict = {}
         self.states: dict[int, _ShardState] = {}
@@ -413,11 +418,19 @@ class CaptionJob:
 
     def _record(self) -> None:
         """Append this run's summary to <out>/caption_runs.jsonl (a log of what was run, with what)."""
-        self.out.mkdir(parents=True, exist_ok=True)
         rec = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **self.summary.to_dict(),
                "config": dataclasses.asdict(self.cfg)}
-        with open(self.out / "caption_runs.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        path = storage.join(self.out, "caption_runs.jsonl")
+        if not storage.is_remote(path):
+            Path(self.out).mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            return
+        try:                                      # objects cannot be appended to: read, add, put
+            old = storage.read_bytes(path)
+        except FileNotFoundError:
+            old = b""
+        storage.write_bytes(path, old + (json.dumps(rec) + "\n").encode("utf-8"))
 
 
 def run_caption_job(cfg: CaptionConfig, on_chunk_done: Callable[[CaptionJob], None] | None = None,

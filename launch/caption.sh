@@ -14,7 +14,7 @@ Modes:
                    (or export RAY_ADDRESS=http://HEAD:8265). Start the cluster first: on the head
                    `ray start --head --dashboard-host HEAD_ADDRESS`, on each GPU node
                    `ray start --address HEAD:6379` (docs/captioning.md). The job's driver runs on
-                   the head; shards and sidecars must be on a filesystem every node sees.
+                   the head; shards and sidecars must be on a filesystem every node sees (or s3://, gs://).
   one machine      launch/caption.sh --shards data/shards --model-dir runs/tiny_coca
                    When nothing answers at the address and it is a loopback one (the default
                    http://127.0.0.1:8265), a head bound to 127.0.0.1 is started for this job and
@@ -69,7 +69,8 @@ ORIG_PWD="$PWD"
 abspath() {
   local p="$1"
   while [[ "$p" == ./* ]]; do p="${p#./}"; done
-  if [[ "$p" == /* ]]; then echo "$p"; elif [[ "$p" == . ]]; then echo "$ORIG_PWD"; else echo "$ORIG_PWD/$p"; fi
+  if [[ "$p" == *://* ]]; then echo "$p"   # s3://, gs://, https://: as given
+  elif [[ "$p" == /* ]]; then echo "$p"; elif [[ "$p" == . ]]; then echo "$ORIG_PWD"; else echo "$ORIG_PWD/$p"; fi
 }
 
 ADDRESS="${RAY_ADDRESS:-}" PORT=6379 DASH_PORT=8265 AGENT_PORT=52365 CLIENT_PORT=10001

@@ -1,9 +1,11 @@
 """`vip shards build`: metadata + subtitles + source videos → webdataset shards.
 
 One output shard is one unit of work (`build_one_shard`), run over local
-processes or Ray tasks by the same code. A shard is done when its tar and its
-part record (`_parts/shard-%06d.json`: manifest rows + skips) exist; re-running
-skips done shards. At the end the parts are merged into `manifest.parquet` and
+processes or Ray tasks by the same code. `build.out` is a local folder or object storage
+(s3://, gs://: shards/storage.py). A shard is published as its member index, then its tar,
+then its part record (`_parts/shard-%06d.json`: manifest rows + skips), the shard's commit
+marker: a shard is done when its tar and its part record exist; re-running skips done shards
+(found with two listings, not a request per shard) and rebuilds the rest. At the end the parts are merged into `manifest.parquet` and
 `shards.json` (per-shard sample counts the reader plans with), and the skips recorded in
 the parts of shards done by an earlier run join the summary: a re-run reports the same skip
 counts as the first run.
@@ -23,7 +25,7 @@ from typing import Iterator
 
 import yaml
 
-from shards.atomic import atomic_path, write_json, write_text
+from shards import storage
 from shards.audio import AudioMissing, cut_audio
 from shards.encode import ClipError, StoredFormat, cut_clip, open_source
 from shards.keys import shard_name
@@ -42,6 +44,7 @@ class ShardTask:
     out: str
     videos: str
     fmt: StoredFormat
+    staging: str | None = None      # local folder for shards bound for object storage
 
 
 @dataclass
@@ -55,12 +58,20 @@ class ShardResult:
     audio: dict = field(default_factory=dict)       # with_audio / audio_short / written without: reason → n
 
 
-def part_path(out: str | Path, index: int) -> Path:
-    return Path(out) / PARTS / f"shard-{index:06d}.json"
+def part_path(out: str | Path, index: int) -> str:
+    return storage.join(str(out), PARTS, f"shard-{index:06d}.json")
 
 
 def is_done(out: str | Path, index: int) -> bool:
-    return (Path(out) / shard_name(index)).exists() and part_path(out, index).exists()
+    return storage.exists(storage.join(str(out), shard_name(index))) and storage.exists(part_path(out, index))
+
+
+def done_shards(out: str) -> set[int]:
+    """Indices of the shards done in `out` (tar and commit marker present): two listings."""
+    tars = {n for n in storage.listdir(out) or [] if n.startswith("shard-") and n.endswith(".tar")}
+    parts = storage.listdir(storage.join(out, PARTS)) or []
+    return {int(n[6:12]) for n in parts if n.startswith("shard-") and n.endswith(".json")
+            and n[:-5] + ".tar" in tars and n[6:12].isdigit()}
 
 
 def _sample_json(rec: ClipRecord, clip, fmt: StoredFormat) -> dict:
@@ -109,8 +120,8 @@ def build_one_shard(task: ShardTask) -> ShardResult:
         by_video: dict[str, list[ClipRecord]] = collections.defaultdict(list)
         for rec in task.clips:
             by_video[rec.video_id].append(rec)
-        out = Path(task.out)
-        with ShardWriter(out / shard_name(task.index)) as writer:
+        out = task.out
+        with ShardWriter(storage.join(out, shard_name(task.index)), staging=task.staging) as writer:
             for vid, recs in by_video.items():
                 path = os.path.join(task.videos, f"{vid}.mp4")
                 try:
@@ -145,8 +156,9 @@ def build_one_shard(task: ShardTask) -> ShardResult:
             res.written, res.bytes = writer.count, writer.bytes
             res.skips = skips.to_dict()
             res.audio = dict(audio_counts)
-            # the part record lands before the tar is renamed into place: tar present ⇒ part present
-            write_json(part_path(out, task.index), {"rows": rows, "skips": res.skips, "audio": res.audio})
+        # the commit marker, last: the shard's tar and index are already published
+        storage.write_text(part_path(out, task.index), json.dumps(
+            {"rows": rows, "skips": res.skips, "audio": res.audio, "tar_bytes": writer.tar_bytes}))
     except Exception as e:
         log.error("shard %d failed: %s: %s", task.index, type(e).__name__, e)
         res.error = f"{type(e).__name__}: {e}"
@@ -204,7 +216,8 @@ def plan_tasks(cfg: ShardBuildConfig, skips: SkipLog) -> Iterator[ShardTask]:
     for index, clips in enumerate(chunk(iter_clips(cfg.metadata, subtitles, skips), cfg.clips_per_shard)):
         if cfg.limit_shards is not None and index >= cfg.limit_shards:
             return
-        yield ShardTask(index=index, clips=tuple(clips), out=cfg.out, videos=cfg.videos, fmt=fmt)
+        yield ShardTask(index=index, clips=tuple(clips), out=cfg.out, videos=cfg.videos, fmt=fmt,
+                        staging=cfg.staging)
 
 
 class _LocalPool:
@@ -263,9 +276,10 @@ def build_shards(cfg: ShardBuildConfig) -> BuildSummary:
     """Build every shard not already done; merge the manifest; return the summary."""
     from tqdm import tqdm
     t0 = time.perf_counter()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "build_config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    out = storage.check_url(cfg.out)
+    storage.makedirs(out)
+    storage.write_text(storage.join(out, "build_config.yaml"), yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    done = done_shards(out)
     summary = BuildSummary()
     pool = _RayPool(cfg.ray_address, cfg.workers) if cfg.ray_address else _LocalPool(cfg.workers)
     pending: dict = {}
@@ -284,7 +298,7 @@ def build_shards(cfg: ShardBuildConfig) -> BuildSummary:
                     bar.set_postfix(clips=summary.clips_written, clips_s=f"{summary.clips_written / el:.1f}")
         for task in plan_tasks(cfg, summary.skips):
             summary.shards_total += 1
-            if is_done(out, task.index):
+            if task.index in done:
                 summary.shards_already_done += 1
                 done_before.append(task.index)
                 bar.update(1)
@@ -326,7 +340,7 @@ def _skiplog(skips: dict) -> SkipLog:
     return part
 
 
-def merge_manifest(out: str | Path) -> dict:
+def merge_manifest(out: str) -> dict:
     """Parts → manifest.parquet (one row per sample) and shards.json (per-shard counts)."""
     return _merge_parts(out)[0]
 
@@ -334,25 +348,27 @@ def merge_manifest(out: str | Path) -> dict:
 def _merge_parts(out: str | Path) -> tuple[dict, dict]:
     """merge_manifest, also returning each done shard's recorded skips ({index: SkipLog dict}),
     so that every part is read once."""
+    import io
+
     import pyarrow as pa
     import pyarrow.parquet as pq
-    out = Path(out)
+    out = str(out)
     rows, shards, skips = [], [], {}
-    for tar in sorted(out.glob("shard-*.tar")):
-        index = int(tar.stem.split("-")[1])
-        part = part_path(out, index)
-        if not part.exists():
-            continue
-        data = json.loads(part.read_text())
+    for index in sorted(done_shards(out)):
+        data = json.loads(storage.read_bytes(part_path(out, index)))
+        name = shard_name(index)
         rows.extend({"has_audio": False, **r} for r in data["rows"])   # parts from before audio: none
         skips[index] = data.get("skips", {})
-        shards.append({"name": tar.name, "num_samples": len(data["rows"]), "bytes": tar.stat().st_size})
+        tar_bytes = data.get("tar_bytes")         # parts of older builds lack it: ask the store
+        if tar_bytes is None:
+            tar_bytes = storage.size(storage.join(out, name))
+        shards.append({"name": name, "num_samples": len(data["rows"]), "bytes": int(tar_bytes)})
     schema = pa.schema([("shard", pa.string()), ("key", pa.string()), ("clip_id", pa.string()),
                         ("video_id", pa.string()), ("duration", pa.float64()), ("num_frames", pa.int32()),
                         ("bytes", pa.int64()), ("truncated", pa.bool_()), ("has_audio", pa.bool_())])
-    table = pa.Table.from_pylist(rows, schema=schema)
-    with atomic_path(out / "manifest.parquet") as tmp:
-        pq.write_table(table, tmp)
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
+    storage.write_bytes(storage.join(out, "manifest.parquet"), buf.getvalue())
     index = {"num_samples": len(rows), "shards": shards}
-    write_json(out / "shards.json", index)
+    storage.write_text(storage.join(out, "shards.json"), json.dumps(index))
     return index, skips

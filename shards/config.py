@@ -41,7 +41,7 @@ class ShardBuildConfig:
     metadata: str = "data/synth/metadata.jsonl"
     subtitles: str = "data/synth/subtitles.jsonl"
     videos: str = "data/synth/videos"
-    out: str = "data/shards"
+    out: str = "data/shards"       # a folder, or s3://bucket/prefix, gs://… (shards/storage.py)
     clips_per_shard: int = 1000     # ~100-300 MB shards at the default format
     # stored format, chosen by bench/data.py (docs/benchmarks.md): fewest reader cores per clip
     fps: float = 4.0               # stored frame rate (<= source rate)
@@ -64,14 +64,16 @@ class ShardBuildConfig:
     audio: bool = True
     audio_rate: int = 16000        # Hz, mono
     audio_bitrate: int = 48000     # bit/s
+    staging: Optional[str] = None  # local folder where shards bound for object storage are written before
+    #                                upload (default: the system temporary folder)
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """The streaming reader: shards → training batches (docs/architecture.md, "Batches")."""
 
-    shards: str = "data/shards"
-    captions: Optional[str] = None  # folder of caption sidecars; default <shards>/captions
+    shards: str = "data/shards"    # a folder, or s3://…, gs://…, http(s)://… (read with range requests)
+    captions: Optional[str] = None  # folder (or URL) of caption sidecars; default <shards>/captions
     num_frames: int = 12
     image_size: int = 224
     resize: Literal["squash", "crop"] = "squash"         # squash (reference) | crop (short-side resize + centre crop)
@@ -94,3 +96,9 @@ class DataConfig:
     audio_hop: int = 160           # 10 ms at 16 kHz: 100 frames a second
     audio_n_mels: int = 40
     prefetch_factor: int = 2
+    # remote shard sets (s3://, gs://, http(s)://; shards/storage.py, docs/scaling.md "Object storage")
+    io_timeout: float = 60.0       # seconds to connect and between bytes of a response, per request
+    io_retries: int = 5            # retries of a timeout, dropped connection or 5xx (backoff, counted)
+    io_backoff: float = 0.5        # first retry after ~this many seconds, doubling
+    io_concurrency: int = 16       # range requests in flight per shard of a batch
+    io_coalesce_bytes: int = 1048576  # merge a batch's reads of one shard across gaps up to this (one request)

@@ -31,16 +31,17 @@ import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from shards import storage
 from shards.captions import read_sidecar, sidecar_path
 from shards.config import DataConfig
 from shards.plan import Position, RankPlan, ShardSet, too_few_shards
-from shards.tarindex import TarReader, index_tar
+from shards.shardset import check_resize, load_shardset, stored_aspect  # noqa: F401  (part of the reader's API)
+from shards.tarindex import TarReader
 from shards.video import decode_frames, decode_jpeg, sample_indices
 
 log = logging.getLogger(__name__)
@@ -52,74 +53,10 @@ STATE_VERSION = 1
 KEPT_EVENTS = frozenset({"short_clip_padded", "corrupt_audio"})   # corrupt_audio: kept without its sound
 
 
-# --------------------------------------------------------------------------- shard set
-_warned_once: set = set()
-
-
-def _warn_once(key: tuple, msg: str, *args) -> None:
-    """log.warning once per process for `key` (a shard set is loaded by every loader and eval)."""
-    if key not in _warned_once:
-        _warned_once.add(key)
-        log.warning(msg, *args)
-
-
-def load_shardset(root: str | Path) -> ShardSet:
-    """Shard names and counts from shards.json (written by the builder); else by indexing the tars.
-
-    0-sample shards (every clip of the shard skipped at build time) are dropped from the set
-    (`ShardSet.empty` names them; logged once): they hold nothing to plan, read or caption."""
-    root = Path(root)
-    meta = root / "shards.json"
-    if meta.exists():
-        data = json.loads(meta.read_text())
-        names = tuple(s["name"] for s in data["shards"])
-        counts = tuple(int(s["num_samples"]) for s in data["shards"])
-    else:
-        tars = sorted(root.glob("shard-*.tar"))
-        if tars:
-            _warn_once(("no_shards_json", str(root.resolve())),
-                       "%s has no shards.json: indexing %d tars to count their samples (the build is incomplete "
-                       "— re-run `vip shards build` to finish it and write shards.json — or this is a shard set "
-                       "not written by vip shards build)", root, len(tars))
-        names = tuple(t.name for t in tars)
-        counts = tuple(len(index_tar(str(t))) for t in tars)
-    if not names:
-        raise FileNotFoundError(f"no shards in {root} (expected shards.json or shard-*.tar)")
-    shards = ShardSet(root=str(root), names=names, counts=counts).without_empty()
-    if not shards.names:
-        raise ValueError(f"every shard in {root} is empty ({len(names)} shards, 0 samples): "
-                         "every clip was skipped at build time (see the build summary)")
-    if shards.empty:
-        _warn_once(("empty_shards", str(root.resolve()), len(shards.empty)),
-                   "%s: %d of %d shards have no samples (every clip skipped at build time): dropped from the "
-                   "shard set (%s%s)", root, len(shards.empty), len(names), ", ".join(shards.empty[:5]),
-                   ", …" if len(shards.empty) > 5 else "")
-    return shards
-
-
-def stored_aspect(root: str | Path) -> str | None:
-    """The `aspect` the shard set was built with (`build_config.yaml`, written by the builder):
-    "square" or "keep"; None when the folder has no readable build record (older shard sets)."""
-    path = Path(root) / "build_config.yaml"
-    if not path.is_file():
-        return None
-    import yaml
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        log.warning("%s: unreadable (%s): the stored aspect is not checked at open time", path, e)
-        return None
-    aspect = data.get("aspect") if isinstance(data, dict) else None
-    return aspect if isinstance(aspect, str) else None
-
-
-def check_resize(root: str | Path, resize: str) -> None:
-    """Refuse, before any sample is read, a read mode the stored clips cannot give: square-stored
-    clips (build.aspect=square) are already squashed, so a crop would crop a distorted image."""
-    if resize == "crop" and stored_aspect(root) == "square":
-        raise ValueError(f"shards in {root} were built with build.aspect=square (clips already squashed "
-                         f"to short_side²), so they cannot be read with data.resize=crop: read them with "
-                         f"data.resize=squash, or rebuild them with build.aspect=keep")
+def io_options(cfg: DataConfig) -> storage.IOOptions:
+    """The reader's storage settings (`data.io_*`)."""
+    return storage.IOOptions(timeout=cfg.io_timeout, retries=cfg.io_retries, backoff=cfg.io_backoff,
+                             concurrency=cfg.io_concurrency)
 
 
 # --------------------------------------------------------------------------- stages
@@ -226,28 +163,60 @@ class ClipStream(IterableDataset):
         self.plan = RankPlan(shards, rank, world, cfg.seed, shuffle=cfg.train, shuffle_shards=cfg.shuffle_shards)
         self.tokenize = _Tokenizer(cfg.tokenizer, cfg.context_length)
         self.tokenize(["warm up"])  # import open_clip once here; forked workers inherit it
-        self.captions_dir = Path(cfg.captions) if cfg.captions else Path(shards.root) / "captions"
+        self.captions_dir = cfg.captions or storage.join(shards.root, "captions")
+        self.io_opts = io_options(cfg)
         self._open: OrderedDict = OrderedDict()
 
-    # -- shard access (LRU of open tars + their caption sidecars)
+    # -- shard access (LRU of open tars + their caption sidecars; a batch at a group boundary
+    #    spans two groups, so two groups' shards stay open)
     def _shard(self, sid: int) -> _OpenShard:
         if sid in self._open:
             self._open.move_to_end(sid)
             return self._open[sid]
         name = self.shards.names[sid]
-        reader = TarReader(str(Path(self.shards.root) / name))
-        caps = read_sidecar(sidecar_path(self.captions_dir, name))
+        reader = TarReader(storage.join(self.shards.root, name), self.io_opts, self.cfg.io_coalesce_bytes)
+        caps = read_sidecar(sidecar_path(self.captions_dir, name), self.io_opts) if reader.is_open else {}
         self._open[sid] = _OpenShard(reader, caps)
-        while len(self._open) > self.cfg.shuffle_shards + 1:
+        while len(self._open) > 2 * self.cfg.shuffle_shards + 1:
             _, old = self._open.popitem(last=False)
             old.reader.close()
         return self._open[sid]
+
+    def prefetch(self, items: list) -> None:
+        """Read a batch's members shard by shard, few coalesced range requests each (remote shards;
+        local ones are read member by member from the page cache). A failure stays with its
+        members: `load_sample` meets it and counts the sample."""
+        by_shard: dict = {}
+        for _, sid, idx in items:
+            by_shard.setdefault(sid, []).append(idx)
+        ranges = failed = 0
+        for sid, idxs in by_shard.items():
+            try:
+                reader = self._shard(sid).reader
+            except PermissionError:
+                raise
+            except Exception as e:       # a caption sidecar that cannot be read: load_sample meets it again
+                log.debug("prefetch: %s: %s", self.shards.names[sid], e)
+                continue
+            keys = reader.index.keys
+            ranges += reader.prefetch([keys[i] for i in idxs if i < len(keys)])
+            failed += reader.failed
+        if ranges and failed == ranges:  # the store is down, not one member unreadable: stop, do not
+            raise storage.RemoteIOError(  # skip a whole epoch sample by sample
+                f"{storage.display(self.shards.root)}: every read of a batch", "failure", self.cfg.io_retries + 1,
+                RuntimeError(f"all {ranges} range requests failed after {self.cfg.io_retries} retries each"))
+
+    def release(self) -> None:
+        for shard in self._open.values():
+            shard.reader.release()
 
     # -- one sample
     def load_sample(self, epoch: int, sid: int, idx: int, events: list) -> dict:
         cfg = self.cfg
         shard = self._shard(sid)
         keys = shard.reader.index.keys
+        if shard.reader.index.missing:
+            raise SampleError("missing_shard", f"{self.shards.names[sid]}#{idx}: {shard.reader.index.error}")
         if idx >= len(keys):
             raise SampleError("missing_sample", f"{self.shards.names[sid]}#{idx}: "
                               f"{shard.reader.index.error or 'fewer samples than shards.json says'}")
@@ -328,15 +297,21 @@ class ClipStream(IterableDataset):
                 return
             events: list = []
             samples = []
-            for epoch, sid, idx in items:
-                try:
-                    samples.append(self.load_sample(epoch, sid, idx, events))
-                except SampleError as e:
-                    events.append((e.reason, f"{self.shards.names[sid]}#{idx}", e.detail))
+            io0 = storage.snapshot()
+            try:
+                self.prefetch(items)
+                for epoch, sid, idx in items:
+                    try:
+                        samples.append(self.load_sample(epoch, sid, idx, events))
+                    except SampleError as e:
+                        events.append((e.reason, f"{self.shards.names[sid]}#{idx}", e.detail))
+            finally:
+                self.release()
             after = self.plan.advance(pos, len(items))
             batch = self.collate(samples) if samples else {"key": []}
             batch["_state"] = {"epoch": after.epoch, "offset": after.offset}
             batch["_events"] = events
+            batch["_io"] = storage.delta(io0)
             yield batch
             b += W
 
@@ -372,16 +347,17 @@ class StreamLoader:
         self.cfg, self.rank, self.world, self.pin_memory = cfg, rank, world, pin_memory
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
-        self.shards = (shards or load_shardset(cfg.shards)).without_empty()   # 0-sample shards never planned
+        self.shards = (shards or load_shardset(cfg.shards, io_options(cfg))).without_empty()   # 0-sample shards never planned
         if not self.shards.names:
             raise ValueError(f"every shard in {self.shards.root} is empty: nothing to read")
         if len(self.shards.names) < world:   # every rank must read ≥ 1 shard per epoch: a config problem
             raise ValueError(too_few_shards(self.shards, world))
-        check_resize(self.shards.root, cfg.resize)   # at open time, not on every sample
+        check_resize(self.shards.root, cfg.resize, io_options(cfg))   # at open time, not on every sample
         self.position = Position()
         self.batches = 0
         self.events: collections.Counter = collections.Counter()
         self.wait_seconds = 0.0
+        self.io: collections.Counter = collections.Counter()   # storage requests, bytes, retries (shards/storage.py)
         self._warned: collections.Counter = collections.Counter()
 
     def dataset(self) -> ClipStream:
@@ -401,6 +377,7 @@ class StreamLoader:
                 return
             self.wait_seconds += time.perf_counter() - t0
             state = batch.pop("_state")
+            self.io.update(batch.pop("_io", {}))
             for reason, what, detail in batch.pop("_events"):
                 self.events[reason] += 1
                 self._warned[reason] += 1
@@ -459,5 +436,9 @@ def stream_report(cfg: DataConfig, num_batches: int = 10) -> str:
     lines += [f"  {k}: {v}" for k, v in shapes.items()]
     if loader.events:
         lines.append(f"read problems: {dict(loader.events)}")
+    if storage.is_remote(cfg.shards) and n:
+        io = loader.io
+        lines.append(f"storage: {io['requests'] / n:.1f} requests and {io['bytes'] / n / 1e6:.2f} MB per batch, "
+                     f"{io['retries']} retries, {io['failed']} failed reads")
     lines.append(f"resume state: {loader.state_dict()}")
     return "\n".join(lines)

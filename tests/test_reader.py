@@ -289,9 +289,10 @@ def test_crop_of_square_shards_is_refused_at_open(shard_dir, small_data, monkeyp
     ValueError when the loader is opened, naming the folder and both settings, before any sample
     (or even a tar index) is read."""
     import shards.reader as reader
+    import shards.shardset as shardset
     touched = []
     monkeypatch.setattr(TarReader, "read", lambda self, key, ext: touched.append(key))
-    monkeypatch.setattr(reader, "index_tar", lambda path: touched.append(path))
+    monkeypatch.setattr(shardset, "open_index", lambda path, *a: touched.append(path))
     with pytest.raises(ValueError) as e:
         StreamLoader(small_data(shard_dir, resize="crop", train=False))
     msg = str(e.value)
