@@ -199,7 +199,8 @@ class ClipStream(IterableDataset):
                 log.debug("prefetch: %s: %s", self.shards.names[sid], e)
                 continue
             keys = reader.index.keys
-            ranges += reader.prefetch([keys[i] for i in idxs if i < len(keys)])
+            exts = ("mp4", "jpg", "json", "txt") + (("m4a",) if self.cfg.audio else ())   # not sound nobody decodes
+            ranges += reader.prefetch([keys[i] for i in idxs if i < len(keys)], exts)
             failed += reader.failed
         if ranges and failed == ranges:  # the store is down, not one member unreadable: stop, do not
             raise storage.RemoteIOError(  # skip a whole epoch sample by sample
