@@ -130,15 +130,16 @@ class Engine:
 
 
 def build_engine(model: torch.nn.Module, rt: Runtime, train: TrainConfig, optim: OptimConfig, micro_batch: int,
-                 total_steps: int) -> Engine:
+                 total_steps: int, load_universal: bool = False) -> Engine:
     """Wrap `model` in DeepSpeed: ds_config derived from the config, AdamW param groups, warmup +
-    cosine over `total_steps` optimiser steps."""
+    cosine over `total_steps` optimiser steps. `load_universal`: it will load a checkpoint written
+    by another number of ranks (vip.train.checkpoint, elastic resume)."""
     import deepspeed
 
     from vip.train.ds_config import make_ds_config
     from vip.train.optim import lr_lambda, param_groups
     promoted = promote_scalar_params(model)
-    ds_config = make_ds_config(train, optim, micro_batch, rt.world, rt.precision, rt.device.type)
+    ds_config = make_ds_config(train, optim, micro_batch, rt.world, rt.precision, rt.device.type, load_universal)
     ds, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, optim), config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, total_steps, optim)))
