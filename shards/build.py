@@ -156,7 +156,8 @@ class BuildSummary:
         if self.shards_empty:
             lines.append(f"| empty shards (every clip skipped; the reader drops them) | {self.shards_empty} |")
         if len(self.nodes) > 1:
-            lines.append(f"| shards built per Ray node | {', '.join(f'{n[:8]}: {c}' for n, c in self.nodes.most_common())} |")
+            per_node = ", ".join(f"{n[:8]}: {c}" for n, c in self.nodes.most_common())
+            lines.append(f"| shards built per Ray node | {per_node} |")
         for f in self.failures:
             lines.append(f"| FAILED shard | {f} |")
         return "\n".join(lines)

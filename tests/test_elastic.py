@@ -200,7 +200,8 @@ def _consolidated(tag_dir):
 def _engine_flats(ds, lengths):
     """The same per-group flats of a 1-process ZeRO engine (its one partition is the whole group)."""
     opt = ds.optimizer
-    flats = opt.fp32_partitioned_groups_flat if ds.zero_optimization_stage() == 3 else opt.single_partition_of_fp32_groups
+    stage3 = ds.zero_optimization_stage() == 3
+    flats = opt.fp32_partitioned_groups_flat if stage3 else opt.single_partition_of_fp32_groups
     return [(f[:n], opt.optimizer.state[f]["exp_avg"][:n], opt.optimizer.state[f]["exp_avg_sq"][:n])
             for f, n in zip(flats, lengths)]
 

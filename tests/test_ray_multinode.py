@@ -30,8 +30,9 @@ from ray.cluster_utils import Cluster
 ray._private.utils.write_ray_address = lambda *a, **k: None
 mode, arg = sys.argv[1], json.loads(sys.argv[2])
 common = {"node_ip_address": "127.0.0.1", "object_store_memory": 100 * 1024 * 1024}
-cluster = Cluster(initialize_head=True, head_node_args={**common, "num_cpus": arg["head_cpus"], "resources": {"head": 1},
-                                                        "include_dashboard": False, "temp_dir": arg["temp"]})
+head = {**common, "num_cpus": arg["head_cpus"], "resources": {"head": 1}, "include_dashboard": False,
+        "temp_dir": arg["temp"]}
+cluster = Cluster(initialize_head=True, head_node_args=head)
 worker = cluster.add_node(**common, num_cpus=arg["worker_cpus"], resources={"worker": 1})
 ray.init(address=cluster.address, log_to_driver=False)
 ids = {("worker" if "worker" in n["Resources"] else "head"): n["NodeID"] for n in ray.nodes() if n["Alive"]}
@@ -52,9 +53,9 @@ try:
     else:
         from captioning.config import CaptionConfig
         from captioning.job import run_caption_job
-        s = run_caption_job(CaptionConfig(**arg["cfg"], ray_address=cluster.address),
-                            on_chunk_done=lambda job: kill_if_from_worker(ids["worker"]
-                                                                          if job.summary.nodes.get(ids["worker"]) else None))
+        def hook(job):                                          # the worker has captioned a chunk: kill it
+            kill_if_from_worker(ids["worker"] if job.summary.nodes.get(ids["worker"]) else None)
+        s = run_caption_job(CaptionConfig(**arg["cfg"], ray_address=cluster.address), on_chunk_done=hook)
         out = {"nodes": dict(s.nodes), "written": s.shards_written, "failed": s.shards_failed, "clips": s.clips,
                "captions": s.captions, "failures": dict(s.failures), "restarts": s.actor_restarts,
                "retries": s.chunk_retries}

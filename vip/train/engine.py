@@ -124,9 +124,18 @@ class Engine:
                 safe_set_full_fp32_param(p, master.clamp(0, LOGIT_SCALE_MAX))
             p.clamp_(0, LOGIT_SCALE_MAX)
 
-    def export(self, model_cfg: ModelConfig, out: str | Path) -> Path:
-        """The weights as a `vip.load`-able folder (export_state restores the 0-dim shapes)."""
-        return export_state(self.module.state_dict(), model_cfg, out)
+    def export(self, model_cfg: ModelConfig, out: str | Path) -> Path | None:
+        """The weights as a `vip.load`-able folder written by rank 0 (export_state restores the
+        0-dim shapes); other ranks return None. Every rank calls it: under ZeRO-3 each rank holds
+        a slice of every weight, and the ranks gather them together first."""
+        if self.ds.zero_optimization_partition_weights():
+            import deepspeed
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+                state = ({k: v.detach().clone() for k, v in self.module.state_dict().items()}
+                         if self.rt.is_main else None)
+        else:
+            state = self.module.state_dict() if self.rt.is_main else None
+        return export_state(state, model_cfg, out) if state is not None else None
 
 
 def build_engine(model: torch.nn.Module, rt: Runtime, train: TrainConfig, optim: OptimConfig, micro_batch: int,

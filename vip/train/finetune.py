@@ -130,8 +130,8 @@ def _finetune(cfg: Config, rt, where: dict) -> int:
         key = (m["t2v_R@1"], m["t2v_R@5"])
         if key > best_key:  # same on every rank: the metrics come from gathered features
             best_key, best = key, epoch + 1
+            engine.export(model_cfg, out / "best")    # every rank: ZeRO-3 gathers the weights first
             if rt.is_main:
-                engine.export(model_cfg, out / "best")
                 write_json(out / "best" / "selection.json",
                            {"epoch": best, "val_metrics": m, "criterion": "val t2v R@1, then R@5"}, indent=2)
     if rt.is_main:

@@ -103,8 +103,8 @@ def _pretrain(cfg: Config, rt, where: dict) -> int:
             save()
         if tc.eval_shards:
             evaluate(engine.module, cfg, rt, logs.metrics, engine.global_steps)
+        engine.export(cfg.model, out / "final")      # every rank: ZeRO-3 gathers the weights first
         if rt.is_main:
-            engine.export(cfg.model, out / "final")
             log.info("done: %d steps; counters %s; read problems %s; final weights in %s", engine.global_steps,
                      engine.counters, dict(loader.events), out / "final")
         return 0
