@@ -192,6 +192,7 @@ class CaptionJob:
         self.actors: list = []
         self.incarnations: list[int] = []
         self.load: list[int] = []
+        self.slot_nodes: dict[int, str] = {}     # actor slot → the Ray node its last result came from
         self._ray = None
 
     # -- what is left to do
@@ -353,6 +354,8 @@ class CaptionJob:
                         self.load[call.slot] -= 1
                     try:
                         result = ray.get(ref)
+                        if result.get("node"):
+                            self.slot_nodes[call.slot] = result["node"]
                     except RayError as e:
                         if isinstance(e, RayActorError):
                             self._replace_actor(call.slot, call.incarnation, e)
