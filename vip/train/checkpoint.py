@@ -12,6 +12,11 @@ the verdict) and falls back to the next newest that verifies; a damaged tag is n
 error log with the file and what is wrong. Before a save, every rank checks that the folder is
 writable and has room for the last checkpoint's size + 10%; a write that fails says why (no
 space left / permission denied / folder does not exist) and where.
+
+A checkpoint written by another number of ranks resumes elastically (`restore`): ZeRO 1-3 states
+through DeepSpeed's universal checkpoint (vip.train.universal, converted once into
+`<tag>/universal`), the data rest re-dealt to the new ranks (docs/training.md, "Resuming on a
+different number of GPUs").
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ import torch.distributed as dist
 from shards.atomic import write_json, write_text
 from vip.config import save_config
 from vip.train.runtime import seed_everything
+from vip.train.universal import UNIVERSAL, to_universal
 from vip.train.verify import CHECKSUM, MARKER, check_files, file_record, human_bytes, read_marker
 
 log = logging.getLogger(__name__)
@@ -495,29 +501,3 @@ class CheckpointManager:
             for g, hp in zip(base.param_groups, groups):
                 g.update(hp)
         return client
-
-
-UNIVERSAL = "universal"
-
-
-def to_universal(src: Path, dst: Path) -> None:
-    """DeepSpeed's `ds_to_universal` of the checkpoint folder `src` into `dst` (created last, by
-    a rename), in a subprocess; logs the time it took and the size it wrote."""
-    import subprocess
-    import sys
-    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    workers = str(max(1, min(4, os.cpu_count() or 1)))
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
-           "--output_folder", str(tmp), "--num_extract_workers", workers, "--num_merge_workers", workers,
-           "--inject_missing_state"]
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    (src / "latest_universal").unlink(missing_ok=True)      # written beside the output by the tool
-    if p.returncode != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise RuntimeError(f"ds_to_universal exited {p.returncode}: {(p.stderr or p.stdout)[-2000:]}")
-    os.replace(tmp, dst)
-    size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
-    log.info("converted %s to a universal checkpoint in %.1fs (%s written to %s)", src.name,
-             time.perf_counter() - t0, human_bytes(size), dst)
