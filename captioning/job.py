@@ -80,7 +80,7 @@ class CaptionActor:
             else:
                 rows.append({"key": key, "caption": None, "error": "empty_caption: the model generated no text"})
         return {"chunk": meta["chunk"], "rows": rows, "fatal": meta["fatal"], "index_error": meta["index_error"],
-                "images": len(ok), "seconds": time.perf_counter() - t0}
+                "images": len(ok), "seconds": time.perf_counter() - t0, "node": _node_id()}
 
     def _caption_batch(self, keys: list, images, captions: dict, errors: dict) -> None:
         """Caption a batch; on an exception (e.g. CUDA OOM) split it in halves down to single images."""
@@ -97,6 +97,12 @@ class CaptionActor:
                 errors[keys[0]] = f"caption_error: {type(e).__name__}: {e}"
             return
         captions.update(zip(keys, texts))
+
+
+def _node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray)."""
+    import ray
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def _free_cuda_cache() -> None:
@@ -124,6 +130,7 @@ class CaptionSummary:
     failures: collections.Counter = field(default_factory=collections.Counter)  # reason → clips (or shards)
     actor_restarts: int = 0
     chunk_retries: int = 0
+    nodes: collections.Counter = field(default_factory=collections.Counter)    # Ray node id → clips captioned
     startup_seconds: float = 0.0   # cluster connect + actors loaded
     seconds: float = 0.0
 
@@ -138,7 +145,7 @@ class CaptionSummary:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["failures"] = dict(self.failures)
+        d["failures"], d["nodes"] = dict(self.failures), dict(self.nodes)
         d["captions_per_s"], d["steady_captions_per_s"] = self.captions_per_s, self.steady_captions_per_s
         return d
 
@@ -150,6 +157,8 @@ class CaptionSummary:
                            f"{self.shards_already_done} already done, {self.shards_failed} failed"),
                 ("clips", f"{self.clips} ({self.captions} captioned)"), ("failures", fails),
                 ("actor restarts / chunk retries", f"{self.actor_restarts} / {self.chunk_retries}"),
+                *([("clips per Ray node", ", ".join(f"{n[:8]}: {c}" for n, c in self.nodes.most_common()))]
+                  if len(self.nodes) > 1 else []),
                 ("time", f"{self.seconds:.1f} s ({self.startup_seconds:.1f} s startup)"),
                 ("captions/s", f"{self.captions_per_s:.2f} overall, {self.steady_captions_per_s:.2f} after startup")]
         return "\n".join(["| caption job | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
@@ -185,6 +194,7 @@ class CaptionJob:
         self.actors: list = []
         self.incarnations: list[int] = []
         self.load: list[int] = []
+        self.slot_nodes: dict[int, str] = {}     # actor slot → the Ray node its last result came from
         self._ray = None
 
     # -- what is left to do
@@ -222,7 +232,7 @@ class CaptionJob:
             ray.init(address=address)
         else:
             log.info("starting a private local Ray on 127.0.0.1")
-            ray.init(num_cpus=self.cfg.local_cpus or os.cpu_count(), include_dashboard=False,
+            ray.init(address="local", num_cpus=self.cfg.local_cpus or os.cpu_count(), include_dashboard=False,
                      _node_ip_address="127.0.0.1", log_to_driver=False)
         return True
 
@@ -245,10 +255,12 @@ class CaptionJob:
         return dataclasses.replace(self.cfg, device=device), n
 
     def _new_actor(self, cfg: CaptionConfig, slot: int, incarnation: int):
+        # spread over the nodes of a multi-node cluster; restarts are ours (_replace_actor: a new
+        # actor, wherever there is room, and the dead one's chunks resubmitted from their images)
         if getattr(self, "_actor_cls", None) is None:
             self._actor_cls = self._ray.remote(CaptionActor).options(
                 num_cpus=cfg.actor_cpus, num_gpus=1 if cfg.device == "cuda" else 0, max_restarts=0,
-                max_task_retries=0)
+                max_task_retries=0, scheduling_strategy="SPREAD")
         return self._actor_cls.remote(cfg, slot, incarnation, self.fault_exit_chunk)
 
     def _replace_actor(self, slot: int, incarnation: int, why: Exception) -> None:
@@ -347,6 +359,8 @@ class CaptionJob:
                         self.load[call.slot] -= 1
                     try:
                         result = ray.get(ref)
+                        if result.get("node"):
+                            self.slot_nodes[call.slot] = result["node"]
                     except RayError as e:
                         if isinstance(e, RayActorError):
                             self._replace_actor(call.slot, call.incarnation, e)
@@ -387,6 +401,8 @@ class CaptionJob:
             log.warning("chunk %s: duplicate result ignored", chunk.name)
             return 0
         st.rows[chunk.index] = result["rows"]
+        if result.get("node"):
+            self.summary.nodes[result["node"]] += len(result["rows"])
         st.fatal = st.fatal or result.get("fatal")
         st.index_error = st.index_error or result.get("index_error")
         if len(st.rows) == st.count:

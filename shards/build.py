@@ -21,7 +21,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import yaml
 
@@ -56,6 +56,7 @@ class ShardResult:
     skips: dict = field(default_factory=dict)       # SkipLog.to_dict()
     error: str | None = None                        # the whole shard failed
     audio: dict = field(default_factory=dict)       # with_audio / audio_short / written without: reason → n
+    node: str | None = None                         # the Ray node that built it (None: a local process)
 
 
 def part_path(out: str | Path, index: int) -> str:
@@ -180,6 +181,7 @@ class BuildSummary:
     skips: SkipLog = field(default_factory=SkipLog)
     failures: list = field(default_factory=list)
     audio: collections.Counter = field(default_factory=collections.Counter)   # ShardResult.audio, summed
+    nodes: collections.Counter = field(default_factory=collections.Counter)   # Ray node id → shards built
 
     @property
     def clips_per_s(self) -> float:
@@ -204,6 +206,9 @@ class BuildSummary:
                     lines.append(f"| {what} | {n} |")
         if self.shards_empty:
             lines.append(f"| empty shards (every clip skipped; the reader drops them) | {self.shards_empty} |")
+        if len(self.nodes) > 1:
+            per_node = ", ".join(f"{n[:8]}: {c}" for n, c in self.nodes.most_common())
+            lines.append(f"| shards built per Ray node | {per_node} |")
         for f in self.failures:
             lines.append(f"| FAILED shard | {f} |")
         return "\n".join(lines)
@@ -239,20 +244,36 @@ class _LocalPool:
         self.pool.shutdown()
 
 
+def _build_on_ray(task: ShardTask) -> ShardResult:
+    """build_one_shard as a Ray task, naming the node it ran on."""
+    import ray
+    res = build_one_shard(task)
+    res.node = ray.get_runtime_context().get_node_id()
+    return res
+
+
 class _RayPool:
-    """Ray tasks on an existing cluster (address) or a local one ('local')."""
+    """Ray tasks on an existing (multi-node) cluster (address) or a private local one ('local').
+
+    Tasks are spread over the nodes. A task lost with its node (node killed, pre-empted, out of
+    memory) is run again by Ray on a live node, up to `RETRIES` times; a shard is written
+    atomically (tar and part record published by rename), so a repeat overwrites it whole and a
+    shard is never half there nor listed twice. Every node must see `build.out` and the videos
+    (a shared file system)."""
+
+    RETRIES = 4
 
     def __init__(self, address: str, workers: int):
         import ray
         self.ray = ray
         if not ray.is_initialized():
             if address == "local":
-                # a private cluster on loopback only
-                ray.init(num_cpus=max(1, workers), include_dashboard=False, log_to_driver=False,
+                # a private cluster on loopback only ("local": never join another cluster on this machine)
+                ray.init(address="local", num_cpus=max(1, workers), include_dashboard=False, log_to_driver=False,
                          _node_ip_address="127.0.0.1")
             else:
                 ray.init(address=address, log_to_driver=False)
-        self.remote = ray.remote(num_cpus=1, max_retries=2)(build_one_shard)
+        self.remote = ray.remote(num_cpus=1, max_retries=self.RETRIES, scheduling_strategy="SPREAD")(_build_on_ray)
         self.slots = max(2, int(ray.cluster_resources().get("CPU", workers)) * 2)
 
     def submit(self, task):
@@ -264,7 +285,7 @@ class _RayPool:
         for ref in done:
             try:
                 out.append((ref, self.ray.get(ref)))
-            except Exception as e:  # the task itself died (node lost, OOM): count the shard failed
+            except Exception as e:  # lost more often than RETRIES (or its code died): count the shard failed
                 out.append((ref, ShardResult(index=-1, error=f"{type(e).__name__}: {e}")))
         return out, set(rest)
 
@@ -272,8 +293,10 @@ class _RayPool:
         pass
 
 
-def build_shards(cfg: ShardBuildConfig) -> BuildSummary:
-    """Build every shard not already done; merge the manifest; return the summary."""
+def build_shards(cfg: ShardBuildConfig,
+                 on_shard_done: Callable[[BuildSummary, ShardResult], None] | None = None) -> BuildSummary:
+    """Build every shard not already done; merge the manifest; return the summary.
+    `on_shard_done(summary, result)` is called after each shard (progress hooks, fault drills)."""
     from tqdm import tqdm
     t0 = time.perf_counter()
     out = storage.check_url(cfg.out)
@@ -293,6 +316,8 @@ def build_shards(cfg: ShardBuildConfig) -> BuildSummary:
                     index = pending.pop(fut)
                     result.index = index
                     _account(summary, result)
+                    if on_shard_done is not None:
+                        on_shard_done(summary, result)
                     bar.update(1)
                     el = time.perf_counter() - t0
                     bar.set_postfix(clips=summary.clips_written, clips_s=f"{summary.clips_written / el:.1f}")
@@ -309,6 +334,7 @@ def build_shards(cfg: ShardBuildConfig) -> BuildSummary:
     finally:
         bar.close()
         pool.close()
+    _remove_leftovers(out)
     index, part_skips = _merge_parts(out)
     summary.shards_empty = sum(1 for s in index["shards"] if s["num_samples"] == 0)
     for i in done_before:                # video-level skips (missing_video, …) of shards not rebuilt
@@ -320,12 +346,24 @@ def build_shards(cfg: ShardBuildConfig) -> BuildSummary:
     return summary
 
 
+def _remove_leftovers(out: Path) -> None:
+    """Temporary files of shard attempts that died mid-write (a node lost, kill -9): no reader
+    opens them, and once every task has finished no attempt is still writing them."""
+    stale = [*out.glob(".shard-*.tar.*.tmp"), *(out / PARTS).glob(".shard-*.json.*.tmp")]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        log.info("build: removed %d temporary file(s) of interrupted shard attempts", len(stale))
+
+
 def _account(summary: BuildSummary, result: ShardResult) -> None:
     if result.error:
         summary.shards_failed += 1
         summary.failures.append(f"{shard_name(result.index)}: {result.error}")
     else:
         summary.shards_built += 1
+    if result.node and not result.error:
+        summary.nodes[result.node] += 1
     summary.clips_written += result.written
     summary.bytes_written += result.bytes
     summary.skips.merge(_skiplog(result.skips))

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from shards import storage
 from shards.captions import read_sidecar, sidecar_path
 from shards.config import DataConfig
-from shards.plan import Position, RankPlan, ShardSet, too_few_shards
+from shards.plan import Lead, Position, RankPlan, ShardSet, redeal, too_few_shards
 from shards.shardset import check_resize, load_shardset, stored_aspect  # noqa: F401  (part of the reader's API)
 from shards.tarindex import TarReader
 from shards.video import decode_frames, decode_jpeg, sample_indices
@@ -158,9 +158,10 @@ class ClipStream(IterableDataset):
     `StreamLoader` turns them into the model's input (docs/architecture.md, "Batches") where the model runs."""
 
     def __init__(self, cfg: DataConfig, shards: ShardSet, rank: int = 0, world: int = 1,
-                 start: Position = Position()):
+                 start: Position = Position(), lead: Lead | None = None):
         self.cfg, self.shards, self.rank, self.world, self.start = cfg, shards, rank, world, start
-        self.plan = RankPlan(shards, rank, world, cfg.seed, shuffle=cfg.train, shuffle_shards=cfg.shuffle_shards)
+        self.plan = RankPlan(shards, rank, world, cfg.seed, shuffle=cfg.train, shuffle_shards=cfg.shuffle_shards,
+                             lead=lead)
         self.tokenize = _Tokenizer(cfg.tokenizer, cfg.context_length)
         self.tokenize(["warm up"])  # import open_clip once here; forked workers inherit it
         self.captions_dir = cfg.captions or storage.join(shards.root, "captions")
@@ -355,6 +356,7 @@ class StreamLoader:
             raise ValueError(too_few_shards(self.shards, world))
         check_resize(self.shards.root, cfg.resize, io_options(cfg))   # at open time, not on every sample
         self.position = Position()
+        self.lead: Lead | None = None        # an elastic resume's re-dealt rest (shards.plan)
         self.batches = 0
         self.events: collections.Counter = collections.Counter()
         self.wait_seconds = 0.0
@@ -362,7 +364,7 @@ class StreamLoader:
         self._warned: collections.Counter = collections.Counter()
 
     def dataset(self) -> ClipStream:
-        return ClipStream(self.cfg, self.shards, self.rank, self.world, start=self.position)
+        return ClipStream(self.cfg, self.shards, self.rank, self.world, start=self.position, lead=self.lead)
 
     def __iter__(self):
         ds = self.dataset()
@@ -395,25 +397,60 @@ class StreamLoader:
         return self.position.epoch
 
     def state_dict(self) -> dict:
+        lead = self.lead.to_dict() if self.lead is not None and self.position.epoch <= self.lead.epoch else None
         return {"version": STATE_VERSION, "epoch": self.position.epoch, "offset": self.position.offset,
                 "batches": self.batches, "seed": self.cfg.seed, "rank": self.rank, "world": self.world,
                 "batch_size": self.cfg.batch_size, "num_shards": len(self.shards.names),
-                "events": dict(self.events)}
+                "shard_set": self.shards.fingerprint(), "lead": lead, "events": dict(self.events)}
 
-    def load_state_dict(self, state: dict) -> None:
+    def _check_same_stream(self, state: dict, keys: tuple) -> None:
+        """Refuse a state whose sample order this loader cannot continue (names what differs)."""
         expect = {"seed": self.cfg.seed, "world": self.world, "rank": self.rank,
-                  "num_shards": len(self.shards.names)}
-        for k, v in expect.items():
+                  "num_shards": len(self.shards.names), "shard_set": self.shards.fingerprint()}
+        for k in keys:
+            v = expect[k]
             if k in state and state[k] != v:
                 hint = ""
                 if k == "num_shards" and self.shards.empty and state[k] == v + len(self.shards.empty):
                     hint = (f" (the saved plan counted the set's {len(self.shards.empty)} empty shards, which "
                             "are now dropped from the shard set, so the sample order differs)")
+                if k == "shard_set":
+                    hint = " (shard names or sample counts differ from the set the run started on)"
                 raise ValueError(f"data state was saved with {k}={state[k]}, this run has {k}={v}: "
                                  f"the stream cannot continue exactly{hint}")
+
+    def load_state_dict(self, state: dict) -> None:
+        self._check_same_stream(state, ("seed", "world", "rank", "num_shards", "shard_set"))
         self.position = Position(int(state["epoch"]), int(state["offset"]))
+        self.lead = Lead.from_dict(state.get("lead"))
         self.batches = int(state.get("batches", 0))
         self.events = collections.Counter(state.get("events", {}))
+
+    def load_redealt(self, states: list[dict]) -> None:
+        """Elastic resume: continue from the data states of all N ranks of a run (any N, in rank
+        order) on this loader's world. In the epochs the old ranks were in, every sample they had
+        not consumed is read exactly once by the new ranks and no consumed one again; then the plan
+        for this world (shards.plan.redeal). The same seed and shard set are required."""
+        if [int(s.get("rank", i)) for i, s in enumerate(states)] != list(range(len(states))):
+            raise ValueError("data states of an elastic resume must be every old rank's, in rank order")
+        n = len(states)
+        if len(self.shards.names) < n:
+            raise ValueError(too_few_shards(self.shards, n))
+        for st in states:
+            self._check_same_stream(st, ("seed", "num_shards", "shard_set"))
+            if int(st.get("world", n)) != n:
+                raise ValueError(f"data state of rank {st.get('rank')} says world {st['world']}, {n} states given")
+        kw = {"seed": self.cfg.seed, "shuffle": self.cfg.train, "shuffle_shards": self.cfg.shuffle_shards}
+        plans = [RankPlan(self.shards, r, n, lead=Lead.from_dict(st.get("lead")), **kw) for r, st in enumerate(states)]
+        positions = [Position(int(st["epoch"]), int(st["offset"])) for st in states]
+        leads, start = redeal(plans, positions, self.world)
+        self.lead, self.position = leads[self.rank], start
+        self.batches = max(int(st.get("batches", 0)) for st in states)
+        # read-problem counts of the whole old world go to new rank 0, so the run's totals are kept
+        self.events = collections.Counter()
+        if self.rank == 0:
+            for st in states:
+                self.events.update(st.get("events", {}))
 
 
 def stream_report(cfg: DataConfig, num_batches: int = 10) -> str:

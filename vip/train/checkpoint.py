@@ -12,6 +12,11 @@ the verdict) and falls back to the next newest that verifies; a damaged tag is n
 error log with the file and what is wrong. Before a save, every rank checks that the folder is
 writable and has room for the last checkpoint's size + 10%; a write that fails says why (no
 space left / permission denied / folder does not exist) and where.
+
+A checkpoint written by another number of ranks resumes elastically (`restore`): ZeRO 1-3 states
+through DeepSpeed's universal checkpoint (vip.train.universal, converted once into
+`<tag>/universal`), the data rest re-dealt to the new ranks (docs/training.md, "Resuming on a
+different number of GPUs").
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ import torch.distributed as dist
 
 from shards.atomic import write_json, write_text
 from vip.config import save_config
+from vip.train.runtime import seed_everything
+from vip.train.universal import UNIVERSAL, to_universal
 from vip.train.verify import CHECKSUM, MARKER, check_files, file_record, human_bytes, read_marker
 
 log = logging.getLogger(__name__)
@@ -379,48 +386,118 @@ class CheckpointManager:
                       "train.resume=none to do so on purpose, or restore the files", self.dir, ", ".join(damaged))
         return None
 
-    def resume(self, engine, loader, resume: str) -> str | None:
-        """train.resume: auto (newest complete checkpoint that verifies, if any) | none | a tag
-        folder (must verify). Checks the checkpoint folder is writable first. Restores weights,
-        optimiser, schedule, counters, this rank's RNG and data position; returns the tag."""
+    def select(self, resume: str) -> str | None:
+        """Collective: the tag train.resume names — auto (newest complete checkpoint that
+        verifies, if any) | none | a tag folder (must verify). Checks the checkpoint folder is
+        writable first."""
         self.check_writable()
         if resume == "auto":
-            tag = self.newest_verified()
-        elif resume == "none":
-            tag = None
-        else:
-            tag = Path(resume).name
-            problems = self.verify(tag)
-            if problems:
-                self._log_damaged(tag, problems)
-                path, why = problems[0]
-                raise CheckpointError(f"checkpoint {tag} in {self.dir} is damaged: {path}: {why}"
-                                      + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
+            return self.newest_verified()
+        if resume == "none":
+            return None
+        tag = Path(resume).name
+        problems = self.verify(tag)
+        if problems:
+            self._log_damaged(tag, problems)
+            path, why = problems[0]
+            raise CheckpointError(f"checkpoint {tag} in {self.dir} is damaged: {path}: {why}"
+                                  + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
+        return tag
+
+    def saved_world(self, tag: str) -> int | None:
+        """Collective: the number of ranks that wrote `tag` (its COMPLETE marker; None: not recorded)."""
+        world = None
+        if self.rank == 0:
+            try:
+                world = (read_marker(self.dir / tag) or {}).get("world")
+            except ValueError:
+                world = None
+        return self._from_rank0(world)
+
+    def resume(self, engine, loader, resume: str) -> str | None:
+        """`select` then `restore`: returns the tag resumed from (None: a fresh start)."""
+        return self.restore(engine, loader, self.select(resume))
+
+    def restore(self, engine, loader, tag: str | None) -> str | None:
+        """Restore weights, optimiser, schedule, counters, RNG and data position from `tag`.
+
+        Written by the same number of ranks: exact (each rank its own RNG and data position).
+        By another number (elastic resume): ZeRO 1-3 states go through DeepSpeed's universal
+        checkpoint (converted once, by rank 0, into `<tag>/universal`; the engine must be built
+        with `load_universal`, as `vip pretrain` does), ZeRO 0 states load as they are; the data
+        rest of the interrupted epoch is re-dealt to this world (StreamLoader.load_redealt) and
+        each rank's RNG is seeded afresh from (train.seed, step, rank)."""
         if tag is None:
             return None
-        client = self.load(engine.ds, tag)
-        loader.load_state_dict(client["rank_state"]["data"])
+        saved = self.saved_world(tag)
+        elastic = saved is not None and saved != self.world
+        client = self.load(engine.ds, tag, elastic)
+        if client.get("world") != len(client.get("ranks", [])):
+            raise CheckpointError(f"checkpoint {tag}: client state holds {len(client.get('ranks', []))} rank states "
+                                  f"for world {client.get('world')}")
+        if client["world"] != self.world:
+            loader.load_redealt([r["data"] for r in client["ranks"]])
+        else:
+            loader.load_state_dict(client["ranks"][self.rank]["data"])
         counters = client.get("counters", {})
         if "micro_batches" not in counters:        # written before the count was kept: estimate it
             counters = {**counters, "micro_batches": engine.global_steps * engine.ds.gradient_accumulation_steps()}
         engine.counters.update(counters)
+        if client["world"] != self.world:
+            seed = int(client.get("config", {}).get("train", {}).get("seed", 0))
+            seed_everything(int(np.random.SeedSequence([seed, engine.global_steps, self.rank]).generate_state(1)[0]))
+            if self.rank == 0:
+                log.warning("elastic resume: checkpoint %s was written by %d ranks, this run has %d: the rest of the "
+                            "interrupted epoch is re-dealt to %d ranks, RNG states seeded afresh", tag,
+                            client["world"], self.world, self.world)
+        else:
+            set_rng_state(client["ranks"][self.rank]["rng"])
         log.info("rank %d resumed from %s at step %d (data position %s)", self.rank, tag, engine.global_steps,
                  loader.position)
         return tag
 
-    def load(self, engine, tag: str) -> dict:
-        """Load weights, optimizer, scheduler; restore this rank's RNG; return the client state."""
+    # ------------------------------------------------------------------------------ load
+    def universal(self, tag: str) -> Path:
+        """Collective: `<tag>/universal`, DeepSpeed's universal checkpoint of `tag`, converted by
+        rank 0 if not there yet (into a temporary folder renamed when done, so a kill mid-way
+        leaves nothing that looks converted). The checkpoint folder must be shared by all nodes."""
+        out = self.dir / tag / UNIVERSAL
+        err = None
+        if self.rank == 0 and not out.is_dir():
+            try:
+                to_universal(self.dir / tag, out)
+            except Exception as e:           # never skip the broadcast: the other ranks wait in it
+                err = f"could not convert checkpoint {tag} ({self.dir / tag}) to a universal checkpoint: {e}"
+        err = self._from_rank0(err)
+        if err:
+            raise CheckpointError(err)
+        return out
+
+    def load(self, engine, tag: str, elastic: bool = False) -> dict:
+        """Load weights, optimizer, scheduler into a DeepSpeed engine; return the client state.
+        `elastic`: written by another number of ranks (ZeRO 1-3 load the universal checkpoint)."""
+        load_dir, load_tag = str(self.dir), tag
+        universal = elastic and engine.zero_optimization_stage() > 0
+        if universal:
+            if not engine.load_universal_checkpoint():
+                raise CheckpointError(f"checkpoint {tag} was written by another number of ranks: a ZeRO "
+                                      f"{engine.zero_optimization_stage()} engine loads it only when built with "
+                                      "load_universal=True (vip.train.engine.build_engine)")
+            load_dir, load_tag = str(self.dir / tag), self.universal(tag).name
+        base = getattr(engine.optimizer, "optimizer", None)
+        groups = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+                  for g in getattr(base, "param_groups", [])]
         try:
-            path, client = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
+            path, client = engine.load_checkpoint(load_dir, tag=load_tag, load_optimizer_states=True,
                                                   load_lr_scheduler_states=True)
         except Exception as e:
             raise CheckpointError(f"could not load checkpoint {tag} from {self.dir / tag}: "
                                   f"{type(e).__name__}: {e}") from e
         if path is None:
             raise CheckpointError(f"could not load checkpoint {self.dir / tag}")
-        if client.get("world") != self.world:
-            raise ValueError(f"checkpoint {tag} was written by {client.get('world')} ranks, this run has "
-                             f"{self.world}: exact resume needs the same world size")
-        mine = client["ranks"][self.rank]
-        set_rng_state(mine["rng"])
-        return {**client, "rank_state": mine}
+        if universal and groups:
+            # DeepSpeed's ZeRO-3 universal load gives every group the first group's settings: the
+            # no-decay group would decay. The groups' settings are the config's: put them back.
+            for g, hp in zip(base.param_groups, groups):
+                g.update(hp)
+        return client

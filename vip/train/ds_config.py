@@ -14,9 +14,10 @@ def grad_accumulation(global_batch: int, micro_batch: int, world: int) -> int:
 
 
 def make_ds_config(train: TrainConfig, optim: OptimConfig, micro_batch: int, world: int, precision: str,
-                   device_type: str) -> dict:
+                   device_type: str, load_universal: bool = False) -> dict:
     """ds_config dict: batch sizes, precision (resolved: bf16|fp16|fp32), ZeRO stage, clipping,
-    AdamW (torch's implementation on CPU)."""
+    AdamW (torch's implementation on CPU). `load_universal`: the engine loads DeepSpeed universal
+    checkpoints (an elastic resume of a ZeRO 1-3 run on another number of ranks)."""
     cfg = {
         "train_batch_size": train.global_batch,
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -31,6 +32,8 @@ def make_ds_config(train: TrainConfig, optim: OptimConfig, micro_batch: int, wor
         "steps_per_print": 10 ** 9,       # we log ourselves
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        cfg["checkpoint"] = {"load_universal": True}
     if precision == "bf16":
         cfg["bf16"] = {"enabled": True}
     elif precision == "fp16":

@@ -44,11 +44,15 @@ def restore_scalar_shapes(state: dict, reference: dict) -> dict:
                 and v.numel() == reference[k].numel() else v) for k, v in state.items()}
 
 
-def export_state(state: dict, model_cfg: ModelConfig, out: str | Path) -> Path:
-    """A (DeepSpeed or module) state dict → a `vip.load`-able folder (safetensors + config)."""
+def export_state(state: dict, model_cfg: ModelConfig, out: str | Path, head_spec: dict | None = None) -> Path:
+    """A (DeepSpeed or module) state dict → a `vip.load`-able folder (safetensors + config; with
+    `head_spec`, the retrieval head it describes too: vip.model.heads)."""
     from vip.model import build_model
     from vip.model.convert import export
     model = build_model(model_cfg)
+    if head_spec:
+        from vip.model.heads import attach_head, build_head
+        attach_head(model, build_head(head_spec))
     model.load_state_dict(restore_scalar_shapes(state, model.state_dict()), strict=True)
     return export(model, model_cfg, out)
 
@@ -124,21 +128,33 @@ class Engine:
                 safe_set_full_fp32_param(p, master.clamp(0, LOGIT_SCALE_MAX))
             p.clamp_(0, LOGIT_SCALE_MAX)
 
-    def export(self, model_cfg: ModelConfig, out: str | Path) -> Path:
-        """The weights as a `vip.load`-able folder (export_state restores the 0-dim shapes)."""
-        return export_state(self.module.state_dict(), model_cfg, out)
+    def export(self, model_cfg: ModelConfig, out: str | Path) -> Path | None:
+        """The weights as a `vip.load`-able folder written by rank 0 (export_state restores the
+        0-dim shapes); other ranks return None. Every rank calls it: under ZeRO-3 each rank holds
+        a slice of every weight, and the ranks gather them together first."""
+        if self.ds.zero_optimization_partition_weights():
+            import deepspeed
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+                state = ({k: v.detach().clone() for k, v in self.module.state_dict().items()}
+                         if self.rt.is_main else None)
+        else:
+            state = self.module.state_dict() if self.rt.is_main else None
+        head = getattr(self.module, "head", None)
+        spec = head.spec if head is not None else None
+        return export_state(state, model_cfg, out, spec) if state is not None else None
 
 
 def build_engine(model: torch.nn.Module, rt: Runtime, train: TrainConfig, optim: OptimConfig, micro_batch: int,
-                 total_steps: int) -> Engine:
+                 total_steps: int, load_universal: bool = False) -> Engine:
     """Wrap `model` in DeepSpeed: ds_config derived from the config, AdamW param groups, warmup +
-    cosine over `total_steps` optimiser steps."""
+    cosine over `total_steps` optimiser steps. `load_universal`: it will load a checkpoint written
+    by another number of ranks (vip.train.checkpoint, elastic resume)."""
     import deepspeed
 
     from vip.train.ds_config import make_ds_config
     from vip.train.optim import lr_lambda, param_groups
     promoted = promote_scalar_params(model)
-    ds_config = make_ds_config(train, optim, micro_batch, rt.world, rt.precision, rt.device.type)
+    ds_config = make_ds_config(train, optim, micro_batch, rt.world, rt.precision, rt.device.type, load_universal)
     ds, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, optim), config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, total_steps, optim)))

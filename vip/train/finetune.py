@@ -150,8 +150,8 @@ def _finetune(cfg: Config, rt, where: dict) -> int:
         key = (m[f"{sel}_R@1"], m[f"{sel}_R@5"])
         if key > best_key:  # same on every rank: the metrics come from gathered features
             best_key, best = key, epoch + 1
+            engine.export(model_cfg, out / "best")    # every rank: ZeRO-3 gathers the weights first
             if rt.is_main:
-                export_model(engine.module, model_cfg, out / "best")
                 write_json(out / "best" / "selection.json",
                            {"epoch": best, "val_metrics": m, "criterion": f"val {sel} R@1, then R@5"}, indent=2)
     if rt.is_main:
@@ -182,20 +182,6 @@ def setup_head(model, fc: FinetuneConfig) -> None:
     model.param_lr = {"head.": fc.head_lr}
     n = sum(p.numel() for p in model.head.parameters())
     log.info("head %s: %d parameters at lr %g (backbone at optim.lr)", fc.head, n, fc.head_lr)
-
-
-def export_model(module, model_cfg, out: Path) -> Path:
-    """The trained module (0-dim parameters promoted by the engine, maybe a head) as a vip.load-able folder."""
-    if getattr(module, "head", None) is None:
-        from vip.train.engine import export_state
-        return export_state(module.state_dict(), model_cfg, out)
-    from vip.model import build_model
-    from vip.model.convert import export
-    from vip.model.heads import attach_head, build_head
-    from vip.train.engine import restore_scalar_shapes
-    fresh = attach_head(build_model(model_cfg), build_head(module.head.spec))
-    fresh.load_state_dict(restore_scalar_shapes(module.state_dict(), fresh.state_dict()), strict=True)
-    return export(fresh, model_cfg, out)
 
 
 def main(argv=None) -> int:

@@ -58,12 +58,15 @@ def _pretrain(cfg: Config, rt, where: dict) -> int:
     if tc.init_from:
         from vip.model.convert import load_weights_into
         load_weights_into(model, tc.init_from)
-    engine = build_engine(model, rt, tc, cfg.optim, cfg.data.batch_size, tc.steps)
+    ckpt = CheckpointManager(out, tc.keep_last, rt.rank, rt.world)
+    tag = ckpt.select(tc.resume)     # before the engine: a checkpoint of another world size loads differently
+    elastic = tag is not None and ckpt.saved_world(tag) not in (None, rt.world)
+    engine = build_engine(model, rt, tc, cfg.optim, cfg.data.batch_size, tc.steps,
+                          load_universal=elastic and tc.zero_stage > 0)
     # batches arrive on the device, pixels normalised there in the compute dtype (workers send uint8)
     loader = StreamLoader(cfg.data, rank=rt.rank, world=rt.world, pin_memory=rt.device.type == "cuda",
                           device=rt.device, dtype=rt.dtype)
-    ckpt = CheckpointManager(out, tc.keep_last, rt.rank, rt.world)
-    tag = ckpt.resume(engine, loader, tc.resume)
+    ckpt.restore(engine, loader, tag)
     resumed_rng = rng_state() if tag else None     # restoring the RNG is the last thing resume does
     logs = TrainLog(out, rt.rank, rt.world, tc.log_every, tc.steps, tc.tensorboard, tc.log_keys)
     objective, preempt, data = PretrainObjective(cfg.loss.variant, rt), Preemption(), iter(loader)
@@ -106,8 +109,8 @@ def _pretrain(cfg: Config, rt, where: dict) -> int:
             save()
         if tc.eval_shards:
             evaluate(engine.module, cfg, rt, logs.metrics, engine.global_steps)
+        engine.export(cfg.model, out / "final")      # every rank: ZeRO-3 gathers the weights first
         if rt.is_main:
-            engine.export(cfg.model, out / "final")
             log.info("done: %d steps; counters %s; read problems %s; final weights in %s", engine.global_steps,
                      engine.counters, dict(loader.events), out / "final")
         return 0
