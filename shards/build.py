@@ -346,9 +346,13 @@ def build_shards(cfg: ShardBuildConfig,
     return summary
 
 
-def _remove_leftovers(out: Path) -> None:
+def _remove_leftovers(out: str) -> None:
     """Temporary files of shard attempts that died mid-write (a node lost, kill -9): no reader
-    opens them, and once every task has finished no attempt is still writing them."""
+    opens them, and once every task has finished no attempt is still writing them. Object
+    storage has none: each file is one upload, staged locally (build.staging)."""
+    if storage.is_remote(out):
+        return
+    out = Path(out)
     stale = [*out.glob(".shard-*.tar.*.tmp"), *(out / PARTS).glob(".shard-*.json.*.tmp")]
     for p in stale:
         p.unlink(missing_ok=True)
