@@ -230,9 +230,9 @@ def measure(head: str, n: int, chunk: int, rows: int | None, D: int = 512, L: in
             sim = torch.nn.functional.normalize(sentence, dim=-1) @ v.T
             blocks_done = blocks_all = 1
         else:                                     # the preparation chunked as head.forward does it
-            from vip.model.heads.base import _chunked
-            t = _chunked(h.prepare_text, (sentence, words, wm), 4 * chunk)
-            vv = _chunked(h.prepare_video, (frames, fm), 4 * chunk)
+            from vip.model.heads.base import chunked
+            t = chunked(h.prepare_text, (sentence, words, wm), 4 * chunk)
+            vv = chunked(h.prepare_video, (frames, fm), 4 * chunk)
             t_prep = time.perf_counter() - t0
             blocks_all = -(-n // chunk)
             blocks_done = min(rows or blocks_all, blocks_all)

@@ -155,6 +155,9 @@ def setup_head(model, fc: FinetuneConfig) -> None:
     if have is not None and have.spec["name"] != fc.head:
         raise ConfigError(f"train.init_from carries a {have.spec['name']} head; finetune.head={fc.head} "
                           f"(set finetune.head={have.spec['name']}, or start from a model without a head)")
+    if have is not None and have.spec.get("context_length", fc.context_length) != fc.context_length:
+        raise ConfigError(f"the {fc.head} head of train.init_from was trained on {have.spec['context_length']}-token "
+                          f"texts: set finetune.context_length={have.spec['context_length']}")
     if have is None:
         attach_head(model, make_head(fc.head, model, context_length=fc.context_length, num_frames=fc.num_frames,
                                      layers=fc.head_layers, temporal=fc.head_temporal,
