@@ -33,7 +33,6 @@ from __future__ import annotations
 import os
 import re
 
-import torch
 
 from vip.config import ModelConfig
 

@@ -5,14 +5,13 @@ the loss is the symmetric InfoNCE over features gathered across ranks
 (vip.train.objectives), stepped by the same engine as pretraining
 (vip.train.engine). With `finetune.head=meanp|seqtransf|xclip|drl` a retrieval head
 (vip.model.heads) scores token-level features instead; it trains at `finetune.head_lr`, is
-evaluated with, and is exported inside the model (docs/evaluation.md, "Heads"). After every epoch the model is evaluated on the validation
-split (vip.eval) and the best epoch (validation t2v R@1, then R@5) is exported
+evaluated with, and is exported inside the model (docs/evaluation.md, "Retrieval heads").
+After every epoch the model is evaluated on the validation split (vip.eval) and the best epoch (validation t2v R@1, then R@5) is exported
 to `<train.out>/best`. Optimiser, batch sizes, precision and seed come from the
 shared optim / train / data sections (preset `finetune`).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
