@@ -229,9 +229,10 @@ def measure(head: str, n: int, chunk: int, rows: int | None, D: int = 512, L: in
             v = torch.nn.functional.normalize(frames.mean(1), dim=-1)
             sim = torch.nn.functional.normalize(sentence, dim=-1) @ v.T
             blocks_done = blocks_all = 1
-        else:
-            t = h.prepare_text(sentence, words, wm)
-            vv = h.prepare_video(frames, fm)
+        else:                                     # the preparation chunked as head.forward does it
+            from vip.model.heads.base import chunked
+            t = chunked(h.prepare_text, (sentence, words, wm), 4 * chunk)
+            vv = chunked(h.prepare_video, (frames, fm), 4 * chunk)
             t_prep = time.perf_counter() - t0
             blocks_all = -(-n // chunk)
             blocks_done = min(rows or blocks_all, blocks_all)

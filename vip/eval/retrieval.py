@@ -105,7 +105,8 @@ def resolve_head(model, choice: str = "auto"):
 def head_similarity(head, text_tokens: tuple, frames: torch.Tensor, device, chunk_size: int = 256) -> torch.Tensor:
     """A head's [texts, videos] similarity of (sentence, words, word mask) × frames [N, T, D] (every
     frame real: the decoders always give T frames), scored on `device` block by block; CPU float32."""
-    dtype = next(head.parameters()).dtype if any(True for _ in head.parameters()) else torch.float32
+    params = list(head.parameters())
+    dtype = params[0].dtype if params else torch.float32                    # meanp has no parameters
     sentence, words, word_mask = (x.to(device, dtype if x.is_floating_point() else None) for x in text_tokens)
     frames = frames.to(device, dtype)
     mask = torch.ones(frames.shape[:2], dtype=torch.bool, device=device)

@@ -33,8 +33,6 @@ from __future__ import annotations
 import os
 import re
 
-import torch
-
 from vip.config import ModelConfig
 
 XCLIP_KEYS = ("global_mat_weight", "local_mat_weight", "word_logit_weight", "frame_logit_weight", "word_mat_weight",

@@ -5,14 +5,13 @@ the loss is the symmetric InfoNCE over features gathered across ranks
 (vip.train.objectives), stepped by the same engine as pretraining
 (vip.train.engine). With `finetune.head=meanp|seqtransf|xclip|drl` a retrieval head
 (vip.model.heads) scores token-level features instead; it trains at `finetune.head_lr`, is
-evaluated with, and is exported inside the model (docs/evaluation.md, "Heads"). After every epoch the model is evaluated on the validation
-split (vip.eval) and the best epoch (validation t2v R@1, then R@5) is exported
+evaluated with, and is exported inside the model (docs/evaluation.md, "Retrieval heads").
+After every epoch the model is evaluated on the validation split (vip.eval) and the best epoch (validation t2v R@1, then R@5) is exported
 to `<train.out>/best`. Optimiser, batch sizes, precision and seed come from the
 shared optim / train / data sections (preset `finetune`).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -173,6 +172,9 @@ def setup_head(model, fc: FinetuneConfig) -> None:
     if have is not None and have.spec["name"] != fc.head:
         raise ConfigError(f"train.init_from carries a {have.spec['name']} head; finetune.head={fc.head} "
                           f"(set finetune.head={have.spec['name']}, or start from a model without a head)")
+    if have is not None and have.spec.get("context_length", fc.context_length) != fc.context_length:
+        raise ConfigError(f"the {fc.head} head of train.init_from was trained on {have.spec['context_length']}-token "
+                          f"texts: set finetune.context_length={have.spec['context_length']}")
     if have is None:
         attach_head(model, make_head(fc.head, model, context_length=fc.context_length, num_frames=fc.num_frames,
                                      layers=fc.head_layers, temporal=fc.head_temporal,

@@ -15,7 +15,6 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -136,8 +135,8 @@ class RetrievalHead(nn.Module):
                 chunk_size: int = 256, regularise: bool = False):
         """sentence [Bt, D], words [Bt, L, D], word_mask [Bt, L], frames [Bv, T, D], frame_mask [Bv, T] → [Bt, Bv]
         (with regularise: (similarity, the training regulariser or None); texts i and videos i must pair)."""
-        t = _chunked(self.prepare_text, (sentence, words, word_mask.bool()), 4 * chunk_size)
-        v = _chunked(self.prepare_video, (frames, frame_mask.bool()), 4 * chunk_size)
+        t = chunked(self.prepare_text, (sentence, words, word_mask.bool()), 4 * chunk_size)
+        v = chunked(self.prepare_video, (frames, frame_mask.bool()), 4 * chunk_size)
         sim = self.score(t, v, chunk_size)
         return (sim, self.regulariser(t, v)) if regularise else sim
 
@@ -146,7 +145,7 @@ class RetrievalHead(nn.Module):
         return None
 
 
-def _chunked(fn, args: tuple, chunk: int) -> dict:
+def chunked(fn, args: tuple, chunk: int) -> dict:
     """fn(*args) over row chunks, the dict values concatenated (bounds the per-sample work's memory)."""
     n = args[0].shape[0]
     if n <= chunk:
