@@ -111,8 +111,9 @@ def _pretrain(cfg: Config, rt, where: dict) -> int:
             evaluate(engine.module, cfg, rt, logs.metrics, engine.global_steps)
         engine.export(cfg.model, out / "final")      # every rank: ZeRO-3 gathers the weights first
         if rt.is_main:
-            log.info("done: %d steps; counters %s; read problems %s; final weights in %s", engine.global_steps,
-                     engine.counters, dict(loader.events), out / "final")
+            log.info("done: %d steps; counters %s; read problems %s; storage %s; final weights in %s",
+                     engine.global_steps, engine.counters, dict(loader.events), dict(loader.io) or "local",
+                     out / "final")
         return 0
     finally:
         data.close()   # stops the DataLoader workers now rather than at interpreter exit
