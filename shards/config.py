@@ -30,6 +30,9 @@ class SynthConfig:
     preset: X264Preset = "ultrafast"      # x264 speed preset of the source videos
     texture: Literal["flat", "natural"] = "flat"          # flat: plain background | natural: panning 1/f-noise background with
     #                                grain (decodes and compresses like camera footage; benchmarks)
+    text: Literal["template", "speech", "description"] = "template"   # subtitles: template (names colour,
+    #                                shape, motion) | speech (ASR-like, loosely related: the HD-VILA register)
+    #                                | description (short MSR-VTT-like: held-out evaluation sets); shards/texts.py
 
 
 @dataclass(frozen=True)
