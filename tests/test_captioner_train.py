@@ -78,5 +78,5 @@ def test_trained_captioner_through_the_caption_job(trained, shard_dir, corpus, t
     truth = {clip_key(t["clip_id"]): t for t in map(json.loads, (corpus / "truth.jsonl").read_text().splitlines())}
     right = sum(r["caption"].split().count(truth[r["key"]]["colour"]) == 1 for r in rows)
     assert right >= 9, [(r["caption"], truth[r["key"]]["colour"]) for r in rows]       # chance: 1.5 of 12
-    meta = pq.read_metadata(sorted((tmp_path / "captions").glob("shard-*.parquet"))[0]).metadata
-    assert any(b"hf:" in v for v in meta.values())        # provenance names the local model directory
+    assert {r["model"] for r in rows} == {f"hf:{cfg.out}"}                                # provenance: this folder
+    assert all(r["model_tag"].startswith("sha256:") for r in rows)                       # … and its weights' digest
