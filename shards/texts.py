@@ -38,11 +38,11 @@ DESCRIPTION_DIRECTIONS = {
 }
 
 # --------------------------------------------------------------------------- image captions (no motion)
-IMAGE_TEMPLATES = (
+IMAGE_TEMPLATES = (     # COCO-like; the short form is the most common (greedy decoding settles on it)
+    "{a} {c} {s}",
     "{a} {c} {s}",
     "{a} {c} {s} on a dark background",
     "a picture of {a} {c} {s}",
-    "{a} {c} {s} in the middle of the frame",
 )
 
 # --------------------------------------------------------------------------- speech (ASR-like)
