@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from captioning.config import CaptionConfig, CaptionerTrainConfig  # noqa: E402
+from captioning.config import CaptionerTrainConfig  # noqa: E402
 from shards.reader import _Tokenizer, normalise  # noqa: E402
 from shards.synth import COLOURS, DIRECTIONS, SHAPES, ClipPlan, render_frame  # noqa: E402
 from shards.texts import description, speech_subtitle  # noqa: E402
@@ -90,11 +90,11 @@ def render(attrs: list[dict], T: int) -> tuple[torch.Tensor, torch.Tensor, np.nd
 
 
 def caption_frames(model_dir: str, frames: np.ndarray, batch: int = 64) -> list[str]:
-    """Captions of full-size middle frames by the caption job's captioner class (greedy, 12 tokens),
+    """Captions of full-size middle frames by the caption job's captioner class (greedy, 2–12 tokens),
     each frame prepared as the job prepares it."""
     from captioning.captioners import build_captioner
     from captioning.trainer import caption_config, job_input
-    cap = build_captioner(caption_config(model_dir, CaptionConfig(decoding="greedy", max_tokens=12)))
+    cap = build_captioner(caption_config(model_dir))
     x = np.stack([job_input(f, cap.input_spec.size, cap.input_spec.resize) for f in frames])
     out: list[str] = []
     for i in range(0, len(x), batch):

@@ -176,8 +176,9 @@ def score_caption(text: str, colour: str, shape: str) -> tuple[bool, bool]:
 
 
 def caption_config(model_dir: str, caption: CaptionConfig | None = None) -> CaptionConfig:
-    """The caption job's settings for this captioner: `caption` (default: greedy, 12 tokens) pointed at it."""
-    base = caption or CaptionConfig(decoding="greedy", max_tokens=12)
+    """The caption job's settings for this captioner: `caption` (default: greedy, 2–12 tokens, as the
+    tiny preset) pointed at it."""
+    base = caption or CaptionConfig(decoding="greedy", max_tokens=12, min_tokens=2)
     return dataclasses.replace(base, captioner="hf", model=str(model_dir), pretrained=None, prompt=None,
                                revision=None, device="cpu")
 

@@ -97,7 +97,7 @@ def cmd_captioner_train(cfg, args) -> int:
     from captioning.trainer import accuracy_table, train_captioner
     rec = train_captioner(cfg.captioner, cfg.caption)
     print(accuracy_table(rec))
-    print(f"saved to {cfg.captioner.out} (caption.model=local-dir:{cfg.captioner.out}) in {rec['seconds']:.0f}s")
+    print(f"saved to {cfg.captioner.out} (caption.captioner=hf caption.model={cfg.captioner.out}) in {rec['seconds']:.0f}s")
     return 0
 
 
