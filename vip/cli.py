@@ -3,11 +3,11 @@
     vip data synth   [--config tiny] [synth.num_videos=4 …]
     vip shards build [--config tiny] [build.workers=8 …]
     vip shards read  [--config tiny] [data.batch_size=4 …]   (stream a few batches, print throughput)
-    vip demo         [--config tiny]
+    vip demo         [--config demo]
     vip pretrain     [--config tiny] [train.steps=100 …]      (one process; launch/pretrain.sh for many)
     vip finetune     [--config finetune] train.init_from=DIR finetune.annotations=A.jsonl finetune.videos=DIR …
     vip caption      [--config tiny] [caption.model=… …]      (Ray job; launch/caption.sh submits `python -m vip caption`)
-    vip captioner train [--config tiny] [captioner.steps=… …] (train the small synthetic-frame CoCa; print its accuracy)
+    vip captioner train [--config demo] [captioner.steps=… …] (train the small synthetic-frame BLIP captioner; print its accuracy)
     vip plot         runs/pretrain/metrics.jsonl              (PNG curves)
     vip export       runs/pretrain [--out DIR]                (checkpoint → safetensors for vip.load)
     vip checkpoints verify runs/pretrain                      (each checkpoint's state: ok / incomplete / bad)
@@ -163,9 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     add(sub, "caption", cmd_caption, "caption every clip's middle frame into caption sidecars (Ray)")
     ct = sub.add_parser("captioner", help="the small synthetic-frame captioner").add_subparsers(dest="cmd", required=True)
     add(ct, "train", cmd_captioner_train, "train a small CoCa on synthetic image-description pairs; print caption "
-        "accuracy on held-out frames").set_defaults(default_preset="tiny")
+        "accuracy on held-out frames").set_defaults(default_preset="demo")
     d = add(sub, "demo", cmd_demo, "the end-to-end demo on tiny synthetic data")
-    d.set_defaults(default_preset="tiny")
+    d.set_defaults(default_preset="demo")
     add(sub, "eval", cmd_eval, "text↔video retrieval on annotation jsonl + a video folder (eval.* overrides)")
     add(sub, "embed", cmd_embed, "video embeddings of a folder or shard set → parquet (eval.* overrides)")
     an = sub.add_parser("analyze", help="analyses").add_subparsers(dest="cmd", required=True)
