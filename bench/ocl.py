@@ -261,7 +261,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     from captioning.trainer import accuracy_table, ensure_captioner
-    rec = ensure_captioner(dataclasses.replace(CaptionerTrainConfig(), out=args.captioner))
+    cap_cfg = CaptionerTrainConfig(out=args.captioner)
+    if args.quick:        # smoke: a captioner trained for a few steps (colour only, roughly) if none is there
+        cap_cfg = dataclasses.replace(cap_cfg, steps=100, train_images=512, eval_images=32)
+    rec = ensure_captioner(cap_cfg)
     print(accuracy_table(rec))
     if args.quick:
         res = run(args.captioner, [0], list(QUICK_ROWS), 4, 3, 64, 32, args.frames, 16, args.lr, args.ft_lr, n_test=32)
