@@ -262,9 +262,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     from captioning.trainer import accuracy_table, ensure_captioner
     cap_cfg = CaptionerTrainConfig(out=args.captioner)
-    if args.quick:        # smoke: a captioner trained for a few steps (colour only, roughly) if none is there
-        cap_cfg = dataclasses.replace(cap_cfg, steps=100, train_images=512, eval_images=32)
-    rec = ensure_captioner(cap_cfg)
+    record = Path(args.captioner) / "captioner.json"
+    if args.quick and record.exists():          # smoke: whatever captioner is there
+        rec = json.loads(record.read_text())
+    else:                                       # smoke without one: a few steps (colour only, roughly)
+        rec = ensure_captioner(dataclasses.replace(cap_cfg, steps=100, train_images=512, eval_images=32)
+                               if args.quick else cap_cfg)
     print(accuracy_table(rec))
     if args.quick:
         res = run(args.captioner, [0], list(QUICK_ROWS), 4, 3, 64, 32, args.frames, 16, args.lr, args.ft_lr, n_test=32)
