@@ -62,4 +62,4 @@ class CaptionerTrainConfig:
     weight_decay: float = 0.05
     context_length: int = 16       # training tokens per description (they are short)
     seed: int = 1234               # the image-description split's seed (≠ corpus seeds)
-    threads: int = 1               # torch threads (0: torch default); 1: the tiny model gains nothing from more (0.15 s/step vs 0.2-1.6 s with 2 on a loaded 2-core machine)
+    threads: int = 1               # torch threads (0: torch default); 1: the tiny model gains nothing from more (0.15 s/step vs 0.2-1.6 s with 2 threads on the loaded 2-core machine)
