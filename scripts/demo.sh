@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's first command: set up .venv and run the demo on built-in tiny
-# synthetic data (synthetic corpus → shards → batches; later stages are added
-# by the training issue).
+# synthetic data: corpus (speech-like subtitles, described held-out clips) →
+# shards → small captioner trained here (or reused) → captions (Ray) → the vs
+# baseline and OCL (d) on 2 DeepSpeed CPU ranks → retrieval side by side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

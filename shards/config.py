@@ -32,6 +32,9 @@ class SynthConfig:
     #                                grain (decodes and compresses like camera footage; benchmarks)
     audio: bool = False            # soundtracks: a tone pattern per clip named in its subtitle, plus noise
     #                                (AAC stereo 44.1 kHz; shards/synth_audio.py); off: silent videos as before
+    text: Literal["template", "speech", "description"] = "template"   # subtitles: template (names colour,
+    #                                shape, motion) | speech (ASR-like, loosely related: the HD-VILA register)
+    #                                | description (short MSR-VTT-like: held-out evaluation sets); shards/texts.py
 
 
 @dataclass(frozen=True)

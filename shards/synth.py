@@ -7,8 +7,8 @@ left"). Footage between clips (gaps) is a static background that no clip span
 covers. Deterministic from the seed. Writes, under `out`:
 
     metadata.jsonl    {"video_id", "url", "clip": [{"clip_id", "span"}]}  (HD-VILA format)
-    subtitles.jsonl   {"clip_id", "text"}
-    truth.jsonl       {"clip_id", "colour", "shape", "direction", "span_s", "background", …}
+    subtitles.jsonl   {"clip_id", "text"}    (synth.text: template | speech (ASR-like) | description)
+    truth.jsonl       {"clip_id", "colour", "shape", "direction", "span_s", "background", "description", …}
                       (ground truth for tests and benchmarks; `truth_plan` rebuilds the renderer's plan)
     videos/<video_id>.mp4
 """
@@ -27,6 +27,8 @@ import numpy as np
 
 from shards.atomic import atomic_path, write_text
 from shards.config import SynthConfig
+from shards.texts import clip_text, description
+from shards.synth_audio import with_sound
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +223,8 @@ def write_video(path: Path, clips: list[ClipPlan], duration: float, cfg: SynthCo
 
 def make_corpus(cfg: SynthConfig) -> dict:
     """Write the synthetic corpus under cfg.out; returns a small summary dict."""
+    if cfg.text not in ("template", "speech", "description"):
+        raise ValueError(f"synth.text must be template, speech or description, got {cfg.text!r}")
     t0 = time.perf_counter()
     out = Path(cfg.out)
     (out / "videos").mkdir(parents=True, exist_ok=True)
@@ -239,17 +243,19 @@ def make_corpus(cfg: SynthConfig) -> dict:
         meta_lines.append({"video_id": video_id, "url": f"https://www.youtube.com/watch?v={video_id}",
                            "clip": [{"clip_id": c.clip_id, "span": [format_timestamp(c.start),
                                                                      format_timestamp(c.end)]} for c in clips]})
+        trng = np.random.default_rng([cfg.seed, 1, v])   # texts: own stream, the video plan is unchanged
         for c in clips:
-            text = describe(c.colour, c.shape, c.direction, c.template)
+            text = (describe(c.colour, c.shape, c.direction, c.template) if cfg.text == "template"
+                    else clip_text(cfg.text, c.colour, c.shape, c.direction, trng))
             if c.sound:   # the subtitle names the sound the frames do not show
-                from shards.synth_audio import with_sound
                 text = with_sound(text, c.sound)
             sub_lines.append({"clip_id": c.clip_id, "text": text})
             truth_lines.append({"clip_id": c.clip_id, "colour": c.colour, "shape": c.shape,
                                 "direction": c.direction, "span_s": [c.start, c.end],
                                 "background": list(c.background), "template": c.template,
                                 "texture": c.texture, **({"sound": c.sound} if c.sound else {}),
-                                "caption": describe(c.colour, c.shape, c.direction, 0)})
+                                "caption": describe(c.colour, c.shape, c.direction, 0),
+                                "description": description(c.colour, c.shape, c.direction, trng)})
     for name, lines in (("metadata.jsonl", meta_lines), ("subtitles.jsonl", sub_lines), ("truth.jsonl", truth_lines)):
         write_text(out / name, "".join(json.dumps(x) + "\n" for x in lines))
     dt = time.perf_counter() - t0

@@ -91,3 +91,18 @@ def test_cli_domain_gap_errors(tmp_path, tiny_export, capsys):
     with pytest.raises(SystemExit) as e:
         main(["analyze", "domain-gap", "--corpus", "a=b", model])
     assert e.value.code == 2 and "analyze.corpora" in capsys.readouterr().err
+
+
+def test_read_texts_from_caption_sidecars(tmp_path):
+    """Captions are read straight from the caption job's sidecars (a file or a folder): non-empty
+    captions only, so `vip analyze domain-gap` compares what training will see."""
+    from shards.captions import write_sidecar
+    write_sidecar(tmp_path / "caps" / "shard-000000.parquet",
+                  [{"key": "a", "caption": "a red circle"}, {"key": "b", "caption": None, "error": "corrupt_jpeg: x"},
+                   {"key": "c", "caption": "  "}], model="hf:x")
+    write_sidecar(tmp_path / "caps" / "shard-000001.parquet", [{"key": "d", "caption": "a blue square"}], model="hf:x")
+    assert read_texts(tmp_path / "caps") == ["a red circle", "a blue square"]
+    assert read_texts(tmp_path / "caps" / "shard-000001.parquet") == ["a blue square"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no .parquet"):
+        read_texts(tmp_path / "empty")

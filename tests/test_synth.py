@@ -103,3 +103,48 @@ def test_natural_texture_is_textured_panning_and_harder_to_compress(corpus, smal
     assert bits(nat) > 2.5 * bits(corpus)                              # ~3.4× at this tiny size
     with pytest.raises(ValueError, match="texture"):
         make_corpus(dataclasses.replace(small_synth(tmp_path / "bad"), texture="wood"))
+
+
+def test_text_registers_deterministic_and_gapped(small_synth, tmp_path):
+    """synth.text=speech: ASR-like subtitles, deterministic from the seed, loosely related (fillers,
+    off-topic lines, slang for the shape, motion in other words); description: short texts naming
+    colour, shape and motion. The video plan and the h264 bytes do not depend on the text style."""
+    import pytest
+
+    from shards.texts import FILLERS, OFF_TOPIC
+    runs = {}
+    for name, style in (("s1", "speech"), ("s2", "speech"), ("d", "description"), ("t", "template")):
+        make_corpus(dataclasses.replace(small_synth(tmp_path / name), text=style, num_videos=3))
+        runs[name] = tmp_path / name
+    assert (runs["s1"] / "subtitles.jsonl").read_text() == (runs["s2"] / "subtitles.jsonl").read_text()
+    assert (runs["s1"] / "truth.jsonl").read_text() == (runs["s2"] / "truth.jsonl").read_text()
+    for v in (runs["t"] / "videos").iterdir():        # same videos whatever the text register
+        assert v.read_bytes() == (runs["s1"] / "videos" / v.name).read_bytes()
+    other = tmp_path / "s3"
+    make_corpus(dataclasses.replace(small_synth(other), text="speech", num_videos=3, seed=5))
+    assert (other / "subtitles.jsonl").read_text() != (runs["s1"] / "subtitles.jsonl").read_text()
+
+    truth = {t["clip_id"]: t for t in _lines(runs["s1"] / "truth.jsonl")}
+    speech = {s["clip_id"]: s["text"] for s in _lines(runs["s1"] / "subtitles.jsonl")}
+    desc = {s["clip_id"]: s["text"] for s in _lines(runs["d"] / "subtitles.jsonl")}
+    for cid, t in truth.items():
+        words = desc[cid].split()
+        assert t["colour"] in words and t["shape"] in words and len(words) <= 10, desc[cid]
+        assert any(w in desc[cid] for w in ("left", "right", "up", "top", "down", "bottom")), desc[cid]
+        assert t["colour"] in t["description"].split()
+    # speech is a different register: longer, fillers or off-topic, and often silent on some content
+    s_len = np.mean([len(x.split()) for x in speech.values()])
+    d_len = np.mean([len(x.split()) for x in desc.values()])
+    assert s_len > d_len + 2
+    texts = list(speech.values())
+    assert any(any(f" {f} " in f" {x} " for f in FILLERS) or any(o in x for o in OFF_TOPIC) for x in texts)
+    from shards.texts import speech_subtitle
+    rng = np.random.default_rng(0)
+    many = [speech_subtitle("red", "circle", "left", rng) for _ in range(400)]
+    named_colour = np.mean(["red" in m.split() for m in many])          # said and heard right
+    named_shape = np.mean(["circle" in m.split() for m in many])        # said with its proper name
+    off = np.mean([any(o in m for o in OFF_TOPIC) and "red" not in m.split() and "read" not in m.split()
+                   for m in many])
+    assert 0.25 < named_colour < 0.7 and named_shape < 0.4 and 0.1 < off < 0.45, (named_colour, named_shape, off)
+    with pytest.raises(ValueError, match="synth.text"):
+        make_corpus(dataclasses.replace(small_synth(tmp_path / "bad"), text="poetry"))

@@ -3,10 +3,11 @@
     vip data synth   [--config tiny] [synth.num_videos=4 …]
     vip shards build [--config tiny] [build.workers=8 …]
     vip shards read  [--config tiny] [data.batch_size=4 …]   (stream a few batches, print throughput)
-    vip demo         [--config tiny]
+    vip demo         [--config demo]
     vip pretrain     [--config tiny] [train.steps=100 …]      (one process; launch/pretrain.sh for many)
     vip finetune     [--config finetune] train.init_from=DIR finetune.annotations=A.jsonl finetune.videos=DIR …
     vip caption      [--config tiny] [caption.model=… …]      (Ray job; launch/caption.sh submits `python -m vip caption`)
+    vip captioner train [--config demo] [captioner.steps=… …] (train the small synthetic-frame BLIP captioner; print its accuracy)
     vip plot         runs/pretrain/metrics.jsonl              (PNG curves)
     vip export       runs/pretrain [--out DIR]                (checkpoint → safetensors for vip.load)
     vip checkpoints verify runs/pretrain                      (each checkpoint's state: ok / incomplete / bad)
@@ -92,6 +93,14 @@ def cmd_caption(cfg, args) -> int:
     return run(cfg.caption, fault_exit_chunk=cfg.debug.caption_fault_exit_chunk)
 
 
+def cmd_captioner_train(cfg, args) -> int:
+    from captioning.trainer import accuracy_table, train_captioner
+    rec = train_captioner(cfg.captioner, cfg.caption)
+    print(accuracy_table(rec))
+    print(f"saved to {cfg.captioner.out} (caption.captioner=hf caption.model={cfg.captioner.out}) in {rec['seconds']:.0f}s")
+    return 0
+
+
 def cmd_demo(cfg, args) -> int:
     from vip.demo import run_demo
     return run_demo(cfg)
@@ -152,8 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("run", help="the run folder (train.out)")
     cv.set_defaults(fn=cmd_checkpoints_verify, config="default", overrides=[])
     add(sub, "caption", cmd_caption, "caption every clip's middle frame into caption sidecars (Ray)")
+    ct = sub.add_parser("captioner", help="the small synthetic-frame captioner").add_subparsers(dest="cmd", required=True)
+    add(ct, "train", cmd_captioner_train, "train a small CoCa on synthetic image-description pairs; print caption "
+        "accuracy on held-out frames").set_defaults(default_preset="demo")
     d = add(sub, "demo", cmd_demo, "the end-to-end demo on tiny synthetic data")
-    d.set_defaults(default_preset="tiny")
+    d.set_defaults(default_preset="demo")
     add(sub, "eval", cmd_eval, "text↔video retrieval on annotation jsonl + a video folder (eval.* overrides)")
     add(sub, "embed", cmd_embed, "video embeddings of a folder or shard set → parquet (eval.* overrides)")
     an = sub.add_parser("analyze", help="analyses").add_subparsers(dest="cmd", required=True)

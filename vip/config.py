@@ -18,13 +18,13 @@ from typing import Any, Literal, Optional, Sequence
 
 import yaml
 
-from captioning.config import CaptionConfig
+from captioning.config import CaptionConfig, CaptionerTrainConfig
 from shards.atomic import write_text
 from shards.config import DataConfig, ShardBuildConfig, SynthConfig
 
 __all__ = ["Config", "ConfigError", "load_config", "save_config", "config_from_file", "to_dict", "SynthConfig",
            "ShardBuildConfig", "DataConfig", "ModelConfig", "FusionConfig", "LossConfig", "OptimConfig", "TrainConfig",
-           "CaptionConfig", "EvalConfig", "FinetuneConfig", "DebugConfig"]
+           "CaptionConfig", "CaptionerTrainConfig", "EvalConfig", "FinetuneConfig", "DebugConfig"]
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -236,6 +236,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
+    captioner: CaptionerTrainConfig = field(default_factory=CaptionerTrainConfig)   # vip captioner train
     eval: EvalConfig = field(default_factory=EvalConfig)
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

@@ -84,8 +84,15 @@ def domain_gap_features(fa: np.ndarray, fb: np.ndarray, n: int = 1000, repeats: 
 
 # --------------------------------------------------------------------------- texts → features
 def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
-    """jsonl (the `text_field` of each line; a list contributes each string) or plain text, one per line."""
+    """jsonl (the `text_field` of each line; a list contributes each string), plain text (one per
+    line), or caption sidecars: a `.parquet` file or a folder of them (the non-empty captions)."""
     path = Path(path)
+    if path.is_dir() or path.suffix == ".parquet":
+        from shards.captions import read_sidecar
+        files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+        if not files:
+            raise FileNotFoundError(f"{path}: no .parquet caption sidecars")
+        return [c for f in files for c in read_sidecar(f).values()]
     out: list[str] = []
     for line in path.read_text().splitlines():
         if not line.strip():
