@@ -308,7 +308,7 @@ def test_one_rank_resumes_on_two(shard_dir, tmp_path, free_port):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 2, 3])
+@pytest.mark.parametrize("stage", [0, 3])   # 1 in the tests above; 2 takes the same universal path as 1
 def test_other_zero_stages_carry_weights_and_moments_to_another_world(stage, shard_dir, tmp_path, free_port,
                                                                       train_rt):
     """ZeRO 0 (replicated states, loaded as they are), 2 and 3 (through the universal checkpoint):
