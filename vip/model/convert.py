@@ -151,33 +151,44 @@ def vip_to_clipvip_state_dict(sd: dict[str, torch.Tensor], prefix: str = "clipmo
     return {prefix + k: v for k, v in out.items()}
 
 
-def infer_clipvip_config(hf: dict[str, torch.Tensor]) -> ModelConfig:
-    """A ModelConfig (quick_gelu ViP) whose shapes match a CLIP-ViP checkpoint: tries the
-    open_clip/tiny archs of the same widths and depths (head counts are not in the weights)."""
+ARCH_CANDIDATES = ("ViT-B-32-quickgelu", "ViT-B-16-quickgelu", "ViT-L-14-quickgelu", "ViT-L-14-336-quickgelu",
+                   "vip-tiny-quickgelu")
+
+
+def match_clip_arch(sd: dict[str, torch.Tensor], what: str) -> str:
+    """The quickgelu open_clip (or tiny) arch whose shapes match a state dict in the OpenAI CLIP
+    layout (ours): widths, depths, patch, positions and embedding size (head counts are not in
+    the weights). `what` names the checkpoint in the error."""
     from vip.model.archs import clip_config
-    sd = clipvip_to_vip_state_dict(hf)
-    C = sd["visual.class_embedding"].shape[0]
+    C = sd["visual.conv1.weight"].shape[0]
     patch = sd["visual.conv1.weight"].shape[-1]
     n_pos = sd["visual.positional_embedding"].shape[0]
     layers = len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")})
-    text_w = sd["token_embedding.weight"].shape[1]
+    text_w = sd["ln_final.weight"].shape[0]
     text_layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
-    M = 1 + (sd["visual.proxies"].shape[0] if "visual.proxies" in sd else 0)
-    T = sd["visual.temporal_embedding"].shape[0] if "visual.temporal_embedding" in sd else 12
-    candidates = ["ViT-B-32-quickgelu", "ViT-B-16-quickgelu", "ViT-L-14-quickgelu", "ViT-L-14-336-quickgelu",
-                  "vip-tiny-quickgelu"]
-    for arch in candidates:
+    embed = sd["text_projection"].shape[1]
+    for arch in ARCH_CANDIDATES:
         try:
             cfg = clip_config(arch)
         except (ValueError, NotImplementedError):
             continue
         vc, tc = cfg["vision_cfg"], cfg["text_cfg"]
         grid = vc["image_size"] // vc["patch_size"]
-        if (vc["width"], vc["layers"], vc["patch_size"], grid * grid + 1, tc["width"], tc["layers"]) == \
-                (C, layers, patch, n_pos, text_w, text_layers):
-            return ModelConfig(arch=arch, quick_gelu=True, video_encoder="vip", num_proxies=M, max_frames=T)
-    raise ValueError(f"no known arch matches this CLIP-ViP checkpoint (vision width {C}, {layers} layers, patch "
-                     f"{patch}, {n_pos} positions; text width {text_w}, {text_layers} layers): pass model_cfg")
+        if (vc["width"], vc["layers"], vc["patch_size"], grid * grid + 1, tc["width"], tc["layers"],
+                cfg["embed_dim"]) == (C, layers, patch, n_pos, text_w, text_layers, embed):
+            return arch
+    raise ValueError(f"no known arch matches this {what} (vision width {C}, {layers} layers, patch {patch}, "
+                     f"{n_pos} positions; text width {text_w}, {text_layers} layers; embed {embed}): pass the "
+                     f"model config / arch")
+
+
+def infer_clipvip_config(hf: dict[str, torch.Tensor]) -> ModelConfig:
+    """A ModelConfig (quick_gelu ViP) whose shapes match a CLIP-ViP checkpoint."""
+    sd = clipvip_to_vip_state_dict(hf)
+    arch = match_clip_arch(sd, "CLIP-ViP checkpoint")
+    M = 1 + (sd["visual.proxies"].shape[0] if "visual.proxies" in sd else 0)
+    T = sd["visual.temporal_embedding"].shape[0] if "visual.temporal_embedding" in sd else 12
+    return ModelConfig(arch=arch, quick_gelu=True, video_encoder="vip", num_proxies=M, max_frames=T)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -60,27 +60,8 @@ def detect_head(sd: dict) -> str:
 
 def infer_clip_arch(clip_sd: dict) -> str:
     """The quickgelu open_clip (or tiny) arch whose shapes match an OpenAI-layout CLIP state dict."""
-    from vip.model.archs import clip_config
-    C = clip_sd["visual.conv1.weight"].shape[0]
-    patch = clip_sd["visual.conv1.weight"].shape[-1]
-    n_pos = clip_sd["visual.positional_embedding"].shape[0]
-    layers = len({k.split(".")[3] for k in clip_sd if k.startswith("visual.transformer.resblocks.")})
-    text_w = clip_sd["ln_final.weight"].shape[0]
-    text_layers = len({k.split(".")[2] for k in clip_sd if k.startswith("transformer.resblocks.")})
-    embed = clip_sd["text_projection"].shape[1]
-    for arch in ("ViT-B-32-quickgelu", "ViT-B-16-quickgelu", "ViT-L-14-quickgelu", "ViT-L-14-336-quickgelu",
-                 "vip-tiny-quickgelu"):
-        try:
-            cfg = clip_config(arch)
-        except (ValueError, NotImplementedError):
-            continue
-        vc, tc = cfg["vision_cfg"], cfg["text_cfg"]
-        grid = vc["image_size"] // vc["patch_size"]
-        if (vc["width"], vc["layers"], vc["patch_size"], grid * grid + 1, tc["width"], tc["layers"],
-                cfg["embed_dim"]) == (C, layers, patch, n_pos, text_w, text_layers, embed):
-            return arch
-    raise ValueError(f"no known arch matches this CLIP (vision width {C}, {layers} layers, patch {patch}; text "
-                     f"width {text_w}, {text_layers} layers; embed {embed}): pass arch=")
+    from vip.model.convert import match_clip_arch
+    return match_clip_arch(clip_sd, "CLIP")
 
 
 def head_spec(sd: dict, name: str, dim: int, max_words: int) -> dict:
