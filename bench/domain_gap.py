@@ -9,9 +9,10 @@ Writes three text corpora of the synthetic world as jsonl and runs the real comm
 
 NMI of 2-means clusters vs the corpus label (n texts each, repeats with fresh samples and seeds):
 high = the two corpora are easy to tell apart = a large gap. The paper embeds with CLIP's text
-encoder; offline there is none, so each text tower given is used: vip-tiny random inits (several
-seeds: how much the instrument itself varies) and any exported models (e.g. the demo's
-`runs/demo_vs/final` and `runs/demo/final`).
+encoder; offline there is none, so the model-free word statistics (`analyze.features=words`, TF-IDF)
+come first, then each text tower given: vip-tiny random inits (several seeds: how much the
+instrument itself varies) and any exported models (e.g. the demo's `runs/demo_vs/final` and
+`runs/demo/final`).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/domain_gap.py --captioner data/captioner \\
         --models runs/demo_vs/final runs/demo/final
@@ -76,11 +77,13 @@ def main(argv=None) -> int:
     from vip.cli import main as vip_main
     work = Path(tempfile.mkdtemp(prefix="domain_gap_"))
     corpora = write_corpora(work, args.captioner, args.n)
-    encoders = {**random_exports(work, args.init_seeds), **{m: m for m in args.models}}
+    encoders = {"word TF-IDF (no model: analyze.features=words)": None,
+                **random_exports(work, args.init_seeds), **{m: m for m in args.models}}
     rows = []
     for name, model in encoders.items():
         out = work / f"gap{len(rows)}.json"
-        rc = vip_main(["analyze", "domain-gap", f"analyze.model={model}", "analyze.device=cpu",
+        how = ["analyze.features=words"] if model is None else [f"analyze.model={model}", "analyze.device=cpu"]
+        rc = vip_main(["analyze", "domain-gap", *how,
                        f"analyze.corpora=[{','.join(f'{k}={v}' for k, v in corpora.items())}]",
                        "analyze.pairs=[subtitles:descriptions,captions:descriptions]", f"analyze.n={args.n}",
                        f"analyze.repeats={args.repeats}", f"analyze.out={out}"])

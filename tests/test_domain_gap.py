@@ -106,3 +106,33 @@ def test_read_texts_from_caption_sidecars(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no .parquet"):
         read_texts(tmp_path / "empty")
+
+
+def test_word_features_equal_a_direct_tfidf():
+    from vip.eval.domain_gap import word_features
+    corpora = {"a": ["a red circle", "A red, red square"], "b": ["um so it's a circle"]}
+    f = word_features(corpora)
+    docs = [["a", "red", "circle"], ["a", "red", "red", "square"], ["um", "so", "it's", "a", "circle"]]
+    vocab = sorted({w for d in docs for w in d})
+    for name, rows in (("a", docs[:2]), ("b", docs[2:])):
+        for got, d in zip(f[name], rows):
+            want = np.array([d.count(w) * (math.log(4 / (1 + sum(w in e for e in docs))) + 1) for w in vocab])
+            np.testing.assert_allclose(got, want / np.linalg.norm(want), rtol=1e-12)
+
+
+def test_cli_domain_gap_words_needs_no_model(tmp_path, capsys):
+    import json
+    from vip.cli import main
+    rng = np.random.default_rng(0)
+    colours, shapes = ["red", "blue", "green"], ["circle", "square", "star"]
+    desc = [f"a {rng.choice(colours)} {rng.choice(shapes)} moves left" for _ in range(40)]
+    desc2 = [f"a {rng.choice(colours)} {rng.choice(shapes)} moves left" for _ in range(40)]
+    speech = [f"um so like we have this {rng.choice(colours)} thing you know right" for _ in range(40)]
+    for name, lines in (("d", desc), ("d2", desc2), ("s", speech)):
+        (tmp_path / f"{name}.txt").write_text("\n".join(lines))
+    corpora = ",".join(f"{n}={tmp_path / (n + '.txt')}" for n in ("d", "d2", "s"))
+    rc = main(["analyze", "domain-gap", "analyze.features=words", f"analyze.corpora=[{corpora}]",
+               "analyze.pairs=[s:d,d2:d]", "analyze.n=30", "analyze.repeats=3", f"analyze.out={tmp_path / 'r.json'}"])
+    assert rc == 0 and "| s | d |" in capsys.readouterr().out
+    rows = {(r["a"], r["b"]): r["nmi_mean"] for r in json.loads((tmp_path / "r.json").read_text())}
+    assert rows[("s", "d")] > 0.9 and rows[("d2", "d")] < 0.2      # another register vs the same one

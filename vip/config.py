@@ -160,8 +160,10 @@ class EvalConfig:
 @dataclass(frozen=True)
 class AnalyzeConfig:
     """`vip analyze domain-gap`: K-means NMI between text corpora in a model's text tower
-    (docs/evaluation.md). Needs model (or open_clip) and at least two corpora."""
+    (docs/evaluation.md). Needs at least two corpora and model (or open_clip) unless features=words."""
 
+    features: Literal["model", "words"] = "model"   # model: the text tower's features (the paper's);
+    #                                words: TF-IDF of the words, no model needed (docs/evaluation.md)
     model: Optional[str] = None    # exported vip model folder
     open_clip: Optional[str] = None  # local open_clip checkpoint file (with arch), when no model
     arch: str = "ViT-B-32"         # open_clip arch of the open_clip checkpoint

@@ -6,6 +6,11 @@ with K-means (k = 2, k-means++ init, seeded), and score the clusters against the
 label with normalised mutual information. NMI near 1: the corpora are far apart; near 0:
 indistinguishable. Repeated with fresh samples; mean ± std. numpy only (no scikit-learn).
 
+`analyze.features=words` replaces the text tower by TF-IDF vectors of the words (a departure
+from the paper, named: it needs no model). A text tower's view of "far apart" depends on what
+it learned; a random or small tower sees mostly surface form. Word statistics measure the
+register itself (fillers, length, vocabulary), the same with every model or none.
+
     vip analyze domain-gap analyze.model=DIR analyze.corpora=[subs=a.jsonl,caps=b.txt] analyze.n=1000
 """
 from __future__ import annotations
@@ -111,17 +116,43 @@ def text_features(model, tokenize, texts: list[str], device="cpu", batch_size: i
     return encode_texts(model, texts, tokenize, device, batch_size).numpy()
 
 
+def word_features(corpora: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """L2-normalised TF-IDF vectors [N, V] of lower-cased word unigrams, one vocabulary and one
+    IDF over all the corpora given (so that their vectors share a space)."""
+    import re
+    tokens = {name: [re.findall(r"[a-z']+", t.lower()) for t in texts] for name, texts in corpora.items()}
+    docs = [d for ds in tokens.values() for d in ds]
+    vocab = {w: i for i, w in enumerate(sorted({w for d in docs for w in d}))}
+    df = np.zeros(len(vocab))
+    for d in docs:
+        df[[vocab[w] for w in set(d)]] += 1
+    idf = np.log((1 + len(docs)) / (1 + df)) + 1                            # smoothed, as scikit-learn's
+    out = {}
+    for name, ds in tokens.items():
+        x = np.zeros((len(ds), len(vocab)))                                 # [N, V]
+        for i, d in enumerate(ds):
+            np.add.at(x[i], [vocab[w] for w in d], 1.0)
+        x *= idf
+        out[name] = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return out
+
+
 def domain_gap_table(model, tokenize, corpora: dict[str, str], pairs: list[tuple[str, str]] | None = None,
                      n: int = 1000, repeats: int = 10, seed: int = 0, text_field: str = "text", device="cpu",
                      batch_size: int = 256) -> tuple[str, list]:
-    """(markdown table, rows) of NMI mean ± std for each corpus pair (default: all pairs)."""
-    feats = {}
+    """(markdown table, rows) of NMI mean ± std for each corpus pair (default: all pairs).
+    model=None: TF-IDF word features instead of a text tower (analyze.features=words)."""
+    texts = {}
     for name, path in corpora.items():
-        texts = read_texts(path, text_field)
+        t = read_texts(path, text_field)
         rng = np.random.default_rng(seed)
-        if len(texts) > n * repeats:      # encode only what sampling could need
-            texts = [texts[i] for i in rng.choice(len(texts), n * repeats, replace=False)]
-        feats[name] = text_features(model, tokenize, texts, device, batch_size)
+        if len(t) > n * repeats:          # encode only what sampling could need
+            t = [t[i] for i in rng.choice(len(t), n * repeats, replace=False)]
+        texts[name] = t
+    if model is None:
+        feats = word_features(texts)
+    else:
+        feats = {name: text_features(model, tokenize, t, device, batch_size) for name, t in texts.items()}
     pairs = pairs or list(itertools.combinations(corpora, 2))
     rows = [{"a": a, "b": b, **domain_gap_features(feats[a], feats[b], n, repeats, seed)} for a, b in pairs]
     lines = ["| corpus A | corpus B | NMI (mean ± std) |", "|---|---|---|"]
@@ -164,8 +195,14 @@ def run_domain_gap(cfg) -> int:
     from shards.atomic import write_json
     from vip.eval.models import command_runtime, load_eval_model, require_model
     from vip.model.archs import tokenizer_for
-    require_model(cfg, "analyze")
     corpora, pairs = parse_corpora(cfg)
+    if cfg.features == "words":
+        table, rows = domain_gap_table(None, None, corpora, pairs, cfg.n, cfg.repeats, cfg.seed, cfg.text_field)
+        print(table)
+        if cfg.out:
+            write_json(cfg.out, rows, indent=2)
+        return 0
+    require_model(cfg, "analyze")
     with command_runtime(cfg.device, "fp32") as rt:
         model, mcfg, _ = load_eval_model(cfg, rt)
         tokenize = tokenizer_for(cfg.tokenizer or mcfg.arch, model.context_length)
