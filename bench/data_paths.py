@@ -324,7 +324,7 @@ def measure_loader(s, shard_dir: Path, workers: int = 0) -> dict:
     t = timed(step, s.seconds, min_clips=3 * s.batch_size * max(1, workers),
               cpu_of=lambda: time.process_time() + workers_cpu())
     main_cpu, workers_cpu_s = time.process_time() - main0, workers_cpu() - workers0
-    del batches
+    batches = None   # stop the workers before the numbers are read
     out = {"timing": t.to_dict(), "per_core": t.per_core, "wall_clips_per_s": t.wall_rate,
            "workers": workers, "batch_shapes": shapes, "events": dict(loader.events)}
     if workers:

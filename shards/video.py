@@ -83,7 +83,6 @@ def decode_frames(mp4: bytes, indices: np.ndarray, size: int, resize: str = "squ
     """
     want = np.asarray(indices)
     uniq = np.unique(want)
-    last = int(uniq[-1])
     got: dict[int, np.ndarray] = {}
     # one swscale context for the whole clip (frame.reformat builds a new one per frame, and a
     # thread pool with it): ~3x less CPU per converted frame, bit-identical output

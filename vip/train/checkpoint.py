@@ -38,6 +38,7 @@ from vip.config import save_config
 from vip.train.runtime import seed_everything
 from vip.train.universal import UNIVERSAL, to_universal
 from vip.train.verify import CHECKSUM, MARKER, check_files, file_record, human_bytes, read_marker
+from vip.train.write_errors import CheckpointWriteError, os_reason
 
 log = logging.getLogger(__name__)
 SPACE_MARGIN = 1.1        # free space needed before a save: the last checkpoint's size × this
@@ -45,14 +46,6 @@ SPACE_MARGIN = 1.1        # free space needed before a save: the last checkpoint
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: damaged, or failing to load (names the tag and folder)."""
-
-
-class CheckpointWriteError(OSError):
-    """A checkpoint that cannot be written: no space, no permission, no folder (names the path)."""
-
-    def __init__(self, message: str, errno_: int | None = None):
-        super().__init__(message)
-        self.errno = errno_
 
 
 def tag_for(step: int) -> str:
@@ -77,48 +70,6 @@ def set_rng_state(state: dict) -> None:
             log.warning("checkpoint holds CUDA RNG states of %d devices, this process sees %d: restoring the "
                         "first %d", len(cuda), n, min(len(cuda), n))
         torch.cuda.set_rng_state_all(cuda[:n])
-
-
-# ---------------------------------------------------------------------------------- write errors
-def _blocking_ancestor(path: Path) -> Path | None:
-    """The first existing ancestor of `path` when it is a file, not a folder."""
-    p = _existing(path)
-    return None if p.is_dir() else p
-
-
-def _os_reason(e: BaseException, path: Path) -> str | None:
-    """'no space left on device' / 'permission denied' / … for an error of a write under `path`."""
-    for err in (e, e.__cause__, e.__context__):
-        if err is None:
-            continue
-        code, msg = getattr(err, "errno", None), str(err)
-        if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in msg or "unexpected pos" in msg \
-                or "file write failed" in msg:
-            try:
-                free = f", {human_bytes(shutil.disk_usage(_existing(path)).free)} free"
-            except OSError:
-                free = ""
-            return ("disk quota exceeded" if code == errno.EDQUOT else "no space left on device") + free
-        if code in (errno.EACCES, errno.EPERM) or "Permission denied" in msg:
-            return "permission denied"
-        if code == errno.EROFS or "Read-only file system" in msg:
-            return "read-only file system"
-        if code == errno.ENOTDIR or "Not a directory" in msg:
-            blocker = _blocking_ancestor(path)
-            return f"{blocker} is a file, not a folder" if blocker else "not a directory"
-        if code == errno.ENOENT or "does not exist" in msg:
-            return "folder does not exist"
-        if "cannot be opened" in msg:          # torch's message for a file it could not create
-            if not os.access(_existing(path), os.W_OK):
-                return "permission denied"
-    return None
-
-
-def _existing(path: Path) -> Path:
-    for p in [path, *path.parents]:
-        if p.exists():
-            return p
-    return Path("/")
 
 
 @contextlib.contextmanager
@@ -185,7 +136,7 @@ class CheckpointManager:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            return f"cannot create the checkpoint folder {self.dir}: {_os_reason(e, self.dir) or e}"
+            return f"cannot create the checkpoint folder {self.dir}: {os_reason(e, self.dir) or e}"
         if not os.access(self.dir, os.W_OK | os.X_OK):
             return f"cannot write into the checkpoint folder {self.dir}: permission denied"
         probe = self.dir / f".write-test.{self.rank}.{os.getpid()}"
@@ -193,7 +144,7 @@ class CheckpointManager:
             probe.write_bytes(b"")
             probe.unlink(missing_ok=True)
         except OSError as e:
-            return f"cannot write into the checkpoint folder {self.dir}: {_os_reason(e, self.dir) or e}"
+            return f"cannot write into the checkpoint folder {self.dir}: {os_reason(e, self.dir) or e}"
         return None
 
     def check_writable(self) -> None:
@@ -261,7 +212,7 @@ class CheckpointManager:
 
     def _write_error(self, tag: str, e: BaseException) -> CheckpointWriteError:
         where = self.dir / tag
-        reason = _os_reason(e, where)
+        reason = os_reason(e, where)
         code = getattr(e, "errno", None)
         if reason:
             return CheckpointWriteError(f"could not write checkpoint {tag} to {where}: {reason} "
