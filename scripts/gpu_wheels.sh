@@ -48,6 +48,7 @@ PURE='wcwidth'
 EXCLUDED='
 ray         the Ray 2.60.0 cp312 wheel alone is 75.6 MiB, over the 64 MiB a call carries; bench/gpu.py skips its Ray parts when ray is missing
 webdataset  only tests read shards as plain webdataset (tests/test_reader.py); not needed on the GPU machine
+s3fs        only s3:// shard sets need it (shards/storage.py imports it when one is opened); the GPU check reads local shards
 '
 
 # The GPU machine's Python packages. Source: the package list of the H200 image in the device notes

@@ -153,7 +153,7 @@ def test_every_third_party_import_is_available_on_the_gpu_machine():
 
 def test_exclusions_are_explained_and_not_carried():
     pins, excluded = _pins(), _excluded()
-    assert set(excluded) == {"ray", "webdataset"}, excluded
+    assert set(excluded) == {"ray", "webdataset", "s3fs"}, excluded
     assert all(len(why) > 10 for why in excluded.values()), excluded
     assert not set(excluded) & set(pins)
 
