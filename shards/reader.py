@@ -9,7 +9,7 @@ The chain of small picklable stages, per DataLoader worker:
 
 and one stage in the consuming process, on the device the model runs on:
 
-    →  normalise (uint8 [..., H, W, 3] → CLIP-normalised [..., 3, H, W] in the model's dtype)
+    →  normalise (uint8 [..., H, W, 3] → CLIP-normalised [..., 3, H, W] in the model's dtype) (shards/pixels.py)
 
 Workers hand over uint8 pixels: 4× fewer bytes through shared memory, pinning and the
 host→device copy than float32, and the per-pixel arithmetic (about 40% of a worker's CPU
@@ -24,10 +24,8 @@ workers, at a cost independent of the position.
 from __future__ import annotations
 
 import collections
-import functools
 import json
 import logging
-import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -39,6 +37,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from shards import storage
 from shards.captions import read_sidecar, sidecar_path
 from shards.config import DataConfig
+from shards.pixels import (CLIP_MEAN, CLIP_STD, normalise, normalise_pixels, stack_pixels,  # noqa: F401
+                           to_model_input)
 from shards.plan import Lead, Position, RankPlan, ShardSet, redeal, too_few_shards
 from shards.shardset import check_resize, load_shardset, stored_aspect  # noqa: F401  (part of the reader's API)
 from shards.tarindex import TarReader
@@ -46,8 +46,6 @@ from shards.video import decode_frames, decode_jpeg, sample_indices
 
 log = logging.getLogger(__name__)
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 STATE_VERSION = 1
 # read-time events whose sample is still yielded (a short clip repeats frames): not a lost sample
 KEPT_EVENTS = frozenset({"short_clip_padded", "corrupt_audio"})   # corrupt_audio: kept without its sound
@@ -75,68 +73,6 @@ class _Tokenizer:
 
     def __getstate__(self):
         return {"name": self.name, "context_length": self.context_length, "_tok": None}
-
-
-_SCALE = (1.0 / (255.0 * torch.tensor(CLIP_STD))).view(3, 1, 1)
-_SHIFT = (-torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD)).view(3, 1, 1)
-
-
-@functools.lru_cache(maxsize=8)
-def _affine_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(_SCALE, _SHIFT) on `device`, copied there once rather than per batch."""
-    return _SCALE.to(device), _SHIFT.to(device)
-
-
-def _empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor; inside a DataLoader worker it lives in shared memory, so handing it
-    to the main process copies nothing (torch's default path would copy it into shared memory)."""
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
-    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
-
-
-def stack_pixels(arrays: list[np.ndarray]) -> torch.Tensor:
-    """uint8 arrays [..., H, W, 3] of one shape → uint8 [n, ..., H, W, 3], stacked in one copy."""
-    out = _empty((len(arrays), *arrays[0].shape), torch.uint8)
-    np.stack(arrays, out=out.numpy())
-    return out
-
-
-def normalise_pixels(pixels: torch.Tensor, device: torch.device | str | None = None,
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 [..., H, W, 3] → CLIP-normalised [..., 3, H, W] (contiguous) in `dtype` on `device`.
-
-    The copy to the device comes first, so on a GPU the arithmetic runs there. Computed in
-    float32 and then cast: the same values as `normalise` on any device (bit-identical on CPU)."""
-    x = pixels.to(device if device is not None else pixels.device, non_blocking=True).movedim(-1, -3)
-    x = x.to(torch.float32, memory_format=torch.contiguous_format)
-    scale, shift = _affine_on(x.device)
-    x.mul_(scale).add_(shift)
-    return x if dtype == torch.float32 else x.to(dtype)
-
-
-def to_model_input(batch: dict, device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict:
-    """A worker batch (uint8 pixels) → the model's input tensors (docs/architecture.md, "Batches")
-    on `device`: pixels normalised there in `dtype`, the other tensors moved; each tensor crosses
-    to the device once."""
-    pixels = {"video", "frame"}
-    out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k not in pixels else v
-           for k, v in batch.items()}
-    out["video"] = normalise_pixels(batch["video"], device, dtype)    # [B, T, 3, H, W]
-    out["frame"] = normalise_pixels(batch["frame"], device, dtype)    # [B, 3, H, W]
-    return out
-
-
-def normalise(frames: np.ndarray) -> torch.Tensor:
-    """uint8 [..., H, W, 3] → CLIP-normalised float [..., 3, H, W] (contiguous), on the CPU.
-
-    For per-sample paths (evaluation, fine-tuning, inference): one copy into a channels-first
-    float tensor (in shared memory inside a DataLoader worker), then scale and shift in place."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).movedim(-1, -3)
-    out = _empty(tuple(x.shape), torch.float32)
-    out.copy_(x)
-    return out.mul_(_SCALE).add_(_SHIFT)
 
 
 class SampleError(Exception):

@@ -10,40 +10,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (220, 220, 30)}
+from bench.fusion import COLOURS, write_clip   # the bench's audio task: one clip writer
+
 FUSION = ["model.fusion.dim=64", "model.fusion.num_heads=4", "model.fusion.projection_dim=64",
           "model.fusion.audio_width=32", "model.fusion.audio_layers=1", "model.fusion.audio_heads=2",
           "model.fusion.audio_patch_frames=10", "data.audio_seconds=1.0"]
 
 
-def _clip(path, colour, sound, variant, seconds=1.2, fps=8, rate=16000):
+def _clip(path, colour, sound, variant, seconds=1.2):
     """A square of `colour` at a variant-dependent place, and the tone of `sound` plus noise."""
-    from shards.synth_audio import tone
-    rng = np.random.default_rng(variant)
-    with av.open(str(path), mode="w", format="mp4") as c:
-        vs = c.add_stream("libx264", rate=fps)
-        vs.width, vs.height, vs.pix_fmt = 64, 64, "yuv420p"
-        au = c.add_stream("aac", rate=rate)
-        au.layout = "mono"
-        y, x = 8 + 6 * (variant % 5), 8 + 5 * (variant % 7)
-        for i in range(int(seconds * fps)):
-            img = np.full((64, 64, 3), 20, np.uint8)
-            img[y:y + 20, x + i:x + i + 20] = COLOURS[colour]
-            for p in vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                c.mux(p)
-        for p in vs.encode():
-            c.mux(p)
-        t = np.arange(int(seconds * rate)) / rate
-        wave = (tone(sound, t) + rng.normal(0, 0.02, len(t))).astype(np.float32)
-        f = av.AudioFrame.from_ndarray(wave[None], format="fltp", layout="mono")
-        f.sample_rate, f.pts = rate, 0
-        for p in [*au.encode(f), *au.encode()]:
-            c.mux(p)
+    write_clip(path, colour, sound, (8 + 6 * (variant % 5), 8 + 5 * (variant % 7)), variant, seconds)
 
 
 @pytest.fixture(scope="module")
